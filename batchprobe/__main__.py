@@ -1,0 +1,3 @@
+from batchprobe.cli import main
+
+main()

@@ -1,0 +1,168 @@
+"""Live tensor bytes, counted per storage, and the budget that turns them into real OOMs.
+
+`StorageLedger` records every tensor storage an op produces (through a TorchDispatchMode, which
+also sees the ops the C++ autograd engine runs during backward) and forgets it when the storage is
+freed (`weakref.finalize` on the storage). Its peak is the quantity torch's own memory tracker
+reports: parameters, gradients, optimizer state, activations and temporaries. With a budget, the op
+that takes live bytes over it raises `torch.OutOfMemoryError`, exactly the exception a GPU raises.
+
+The same ledger runs under FakeTensorMode for `estimate`: no compute, no memory, same figures.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from batchprobe.units import format_bytes
+
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "other")
+_PHASE_TAG = {"forward": "activations"}  # what a storage created in a phase counts as by default
+
+
+@dataclass
+class _Record:
+    nbytes: int
+    tag: str
+    finalizer: weakref.finalize | None = None
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, torch.UntypedStorage] | None:
+    try:
+        storage = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse and other storage-less tensors
+        return None
+    return storage._cdata, storage
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple if multiple > 1 else n
+
+
+@dataclass
+class Breakdown:
+    """Bytes by category at the peak."""
+
+    parameters: int = 0
+    gradients: int = 0
+    optimizer_state: int = 0
+    activations: int = 0
+    other: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {c: getattr(self, c) for c in CATEGORIES}
+
+
+@dataclass
+class StorageLedger:
+    """Live bytes of the storages it has seen; peak, budget and (optionally) the peak's breakdown."""
+
+    budget_bytes: int | None = None
+    round_to: int = 1  # CUDA's caching allocator rounds every block up to 512 bytes
+    keep_breakdown: bool = False
+    live_bytes: int = 0
+    peak_bytes: int = 0
+    current_phase: str = "other"
+    _live: dict[int, _Record] = field(default_factory=dict)
+    _peak_pending: bool = False
+    _peak_records: list[_Record] = field(default_factory=list)
+
+    # -- recording ------------------------------------------------------------------------
+    def see(self, t: torch.Tensor, tag: str | None = None) -> None:
+        found = _storage_key(t)
+        if found is None:
+            return
+        key, storage = found
+        nbytes = _round_up(storage.nbytes(), self.round_to)
+        record = self._live.get(key)
+        if record is not None:
+            if record.nbytes != nbytes:  # resized in place (out= ops, resize_)
+                self.live_bytes += nbytes - record.nbytes
+                record.nbytes = nbytes
+                self._after_growth(nbytes)
+            if tag is not None:
+                record.tag = tag
+            return
+        record = _Record(nbytes, tag or _PHASE_TAG.get(self.current_phase, "other"))
+        record.finalizer = weakref.finalize(storage, self._forget, key)
+        self._live[key] = record
+        self.live_bytes += nbytes
+        self._after_growth(nbytes)
+
+    def _after_growth(self, nbytes: int) -> None:
+        if self.live_bytes > self.peak_bytes:
+            self.peak_bytes = self.live_bytes
+            self._peak_pending = True
+        if self.budget_bytes is not None and self.live_bytes > self.budget_bytes and nbytes > 0:
+            raise torch.OutOfMemoryError(
+                f"CPU out of memory (batchprobe budget): tried to allocate {format_bytes(nbytes)}; "
+                f"{format_bytes(self.live_bytes - nbytes)} of the {format_bytes(self.budget_bytes)} "
+                "budget already in use by live tensors."
+            )
+
+    def _forget(self, key: int) -> None:
+        record = self._live.pop(key, None)
+        if record is None:
+            return
+        if self._peak_pending and self.keep_breakdown:
+            # live bytes only grew since the last peak: the peak's contents are what is live now
+            self._peak_records = [*self._live.values(), record]
+            self._peak_pending = False
+        self.live_bytes -= record.nbytes
+
+    def phase(self, name: str) -> None:
+        """Storages created from now on count as this phase's (forward: activations)."""
+        self.current_phase = name
+
+    def mark(self, tensors: Iterable[torch.Tensor], tag: str) -> None:
+        """Register tensors created outside the ledger's view, or re-categorise known ones."""
+        for t in tensors:
+            self.see(t, tag)
+
+    # -- results --------------------------------------------------------------------------
+    def tagged_bytes(self, exclude: Sequence[str] = ()) -> int:
+        return sum(r.nbytes for r in self._live.values() if r.tag not in exclude)
+
+    def breakdown(self) -> Breakdown:
+        if self._peak_pending:
+            self._peak_records = list(self._live.values())
+            self._peak_pending = False
+        out = Breakdown()
+        for r in self._peak_records:
+            setattr(out, r.tag, getattr(out, r.tag) + r.nbytes)
+        return out
+
+    def close(self) -> None:
+        """Stop watching the storages still alive (their finalizers would keep us alive)."""
+        for record in self._live.values():
+            if record.finalizer is not None:
+                record.finalizer.detach()
+        self._live.clear()
+
+
+class TrackingMode(TorchDispatchMode):
+    """Feeds every op's output tensors to a ledger (forward, backward and optimizer alike)."""
+
+    def __init__(self, ledger: StorageLedger) -> None:
+        super().__init__()
+        self.ledger = ledger
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        see = self.ledger.see
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                see(t)
+        return out

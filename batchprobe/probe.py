@@ -1,0 +1,323 @@
+"""Run one probe, classify how it ended, recover; and the loop that drives a search with probes.
+
+This is the one impure loop. A probe at batch b: clean cache, fresh optimizer, at least two full
+training steps (forward, loss, backward, optimizer.step, zero_grad(set_to_none=True)) under the
+backend's memory tracking, so lazily created state (gradients, optimizer moments, GradScaler) is
+inside the peak. Recovery happens after leaving the `except` block: only the exception's type name,
+message and formatted traceback are kept, never the exception (its frames pin activations).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from batchprobe.backends import Backend, DeviceInfo, get_backend
+from batchprobe.build import Workload, build_workload, quiet_warnings
+from batchprobe.search import Observation, Outcome, SearchResult, make_strategy, summarize
+from batchprobe.spec import Spec
+from batchprobe.step import TrainStep
+
+# Lower-case fragments of exception messages, checked along the __cause__/__context__ chain after
+# the exception types. Sources: REFERENCE.md "Failure modes a prober must handle".
+OOM_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("batchprobe budget", "budget"),
+    ("cuda out of memory", "allocator"),
+    ("cuda error: out of memory", "cuda-runtime"),
+    ("hip out of memory", "allocator"),
+    ("hip error: out of memory", "hip-runtime"),
+    ("xpu out of memory", "allocator"),
+    ("mps backend out of memory", "allocator"),
+    ("cublas_status_alloc_failed", "cublas"),
+    ("cudnn_status_alloc_failed", "cudnn"),
+    ("cudnn_status_not_supported", "cudnn"),  # large-batch conv/BN near the limit
+    ("defaultcpuallocator: can't allocate memory", "host"),
+    ("defaultcpuallocator: not enough memory", "host"),
+    ("out of memory", "other"),
+)
+LIMIT_PATTERNS: tuple[str, ...] = (
+    "nonzero is not supported for tensors with more than int_max elements",
+    "canuse32bitindexmath",
+    "32-bit index math",
+    "invalid configuration argument",
+    "integer out of range",
+)
+STICKY_PATTERNS: tuple[str, ...] = (
+    "illegal memory access",
+    "device-side assert triggered",
+    "unspecified launch failure",
+    "misaligned address",
+    "illegal instruction",
+    "uncorrectable ecc error",
+)
+
+
+@dataclass(frozen=True)
+class Failure:
+    outcome: Outcome
+    kind: str  # budget | allocator | cublas | cudnn | host | limit | sticky | error ...
+    error_type: str
+    message: str
+    traceback: str | None = None
+
+    @property
+    def sticky(self) -> bool:
+        return self.kind == "sticky"
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def classify(exc: BaseException) -> Failure:
+    """fit/oom/limit/error for an exception raised by a probe: by type first, then by message."""
+    chain = list(_chain(exc))
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    message = first_line[:500]
+    name = type(exc).__name__
+    for e in chain:
+        if isinstance(e, MemoryError):
+            return Failure(Outcome.OOM, "host", name, message)
+        if isinstance(e, torch.OutOfMemoryError):
+            text = str(e).lower()
+            kind = next((k for p, k in OOM_PATTERNS if p in text), "allocator")
+            return Failure(Outcome.OOM, kind, name, message)
+    for e in chain:
+        text = str(e).lower()
+        for pattern in STICKY_PATTERNS:
+            if pattern in text:
+                return Failure(Outcome.ERROR, "sticky", name, message, _format(exc))
+        for pattern, kind in OOM_PATTERNS:
+            if pattern in text:
+                return Failure(Outcome.OOM, kind, name, message)
+        for pattern in LIMIT_PATTERNS:
+            if pattern in text:
+                return Failure(Outcome.LIMIT, "limit", name, message)
+    return Failure(Outcome.ERROR, "error", name, message, _format(exc))
+
+
+def _format(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    batch_size: int
+    outcome: Outcome
+    peak_bytes: int | None
+    seconds: float
+    reserved_bytes: int | None = None
+    retained_bytes: int = 0  # still held after recovery: should be 0
+    alloc_retries: int = 0
+    failure: Failure | None = None
+
+    def observation(self) -> Observation:
+        return Observation(self.outcome, self.peak_bytes if self.outcome is Outcome.FIT else None)
+
+    def to_dict(self) -> dict[str, object]:
+        d: dict[str, object] = {
+            "batch_size": self.batch_size,
+            "outcome": self.outcome.value,
+            "peak_bytes": self.peak_bytes,
+            "seconds": round(self.seconds, 4),
+        }
+        if self.reserved_bytes is not None:
+            d["reserved_bytes"] = self.reserved_bytes
+        if self.alloc_retries:
+            d["alloc_retries"] = self.alloc_retries
+        if self.retained_bytes:
+            d["retained_bytes"] = self.retained_bytes
+        if self.failure is not None:
+            d["kind"] = self.failure.kind
+            d["error_type"] = self.failure.error_type
+            d["message"] = self.failure.message
+        return d
+
+
+def clean(backend: Backend) -> None:
+    gc.collect()
+    backend.synchronize()
+    backend.empty_cache()
+
+
+def _run_steps(step: TrainStep, batch_size: int, steps: int) -> None:
+    # Its own frame: when it unwinds, the batch and activations go with it.
+    step.begin()
+    batch = step.make_batch(batch_size)
+    for _ in range(steps):
+        step.train_step(batch)
+
+
+def run_probe(step: TrainStep, backend: Backend, batch_size: int, steps: int = 2) -> ProbeResult:
+    """One probe: `steps` full training steps at `batch_size`, then recovery. Never raises for
+    OOM/limit/model errors (they become the outcome); KeyboardInterrupt passes through after
+    cleanup."""
+    clean(backend)
+    failure: Failure | None = None
+    started = time.perf_counter()
+    meter = None
+    retained = 0
+    try:
+        with backend.track(step) as meter:
+            _run_steps(step, batch_size, steps)
+            backend.synchronize()
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome
+        failure = classify(exc)
+    finally:
+        # Recovery runs here, outside the except block: `exc` and its frames are gone.
+        seconds = time.perf_counter() - started
+        step.end()
+        clean(backend)
+        if meter is not None:
+            retained = meter.retained_bytes()
+            meter.close()
+    assert meter is not None
+    return ProbeResult(
+        batch_size=batch_size,
+        outcome=failure.outcome if failure else Outcome.FIT,
+        peak_bytes=meter.peak_bytes,
+        reserved_bytes=meter.reserved_bytes,
+        seconds=seconds,
+        retained_bytes=retained,
+        alloc_retries=meter.alloc_retries,
+        failure=failure,
+    )
+
+
+@dataclass
+class FindMaxResult:
+    search: SearchResult
+    probes: list[ProbeResult]
+    device: DeviceInfo
+    budget_bytes: int | None
+    limit_bytes: int | None
+    strategy: str
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def max_batch_size(self) -> int | None:
+        return self.search.best
+
+    @property
+    def interrupted(self) -> bool:
+        return self.search.stopped == "interrupted"
+
+    @property
+    def error(self) -> ProbeResult | None:
+        return next((p for p in self.probes if p.outcome is Outcome.ERROR), None)
+
+    def probe_at(self, batch_size: int | None) -> ProbeResult | None:
+        return next(
+            (p for p in self.probes if p.batch_size == batch_size and p.outcome is Outcome.FIT),
+            None,
+        )
+
+    @property
+    def peak_bytes(self) -> int | None:
+        probe = self.probe_at(self.max_batch_size)
+        return probe.peak_bytes if probe else None
+
+
+ProbeCallback = Callable[[ProbeResult], None]
+
+
+def find_max(
+    step: TrainStep,
+    backend: Backend,
+    *,
+    start: int = 1,
+    cap: int = 65536,
+    strategy: str = "auto",
+    steps: int = 2,
+    on_start: Callable[[int], None] | None = None,
+    on_probe: ProbeCallback | None = None,
+    prober: Callable[[int], ProbeResult] | None = None,
+) -> FindMaxResult:
+    """Drive a search strategy with real probes. Ctrl-C ends it with the probes made so far."""
+    limit = backend.budget_bytes or backend.free_bytes_at_start
+    name = strategy if strategy != "auto" else ("predict" if limit else "doubling")
+    gen = make_strategy(name, start, cap, limit)
+    run = prober or (lambda b: run_probe(step, backend, b, steps))
+    probes: list[ProbeResult] = []
+    warnings: list[str] = []
+    interrupted = False
+    started = time.perf_counter()
+    try:
+        b = next(gen)
+        while True:
+            if on_start is not None:
+                on_start(b)
+            result = run(b)
+            probes.append(result)
+            if on_probe is not None:
+                on_probe(result)
+            if result.retained_bytes > 0:
+                warnings.append(
+                    f"probe at batch {b} left {result.retained_bytes} bytes allocated after "
+                    "recovery; later probes may see less memory (try --isolate)"
+                )
+            b = gen.send(result.observation())
+    except StopIteration:
+        pass
+    except KeyboardInterrupt:
+        interrupted = True
+    outcome = summarize(
+        [(p.batch_size, p.observation()) for p in probes], cap, interrupted=interrupted
+    )
+    return FindMaxResult(
+        search=outcome,
+        probes=probes,
+        device=backend.info(),
+        budget_bytes=backend.budget_bytes,
+        limit_bytes=limit,
+        strategy=name,
+        seconds=time.perf_counter() - started,
+        warnings=warnings,
+    )
+
+
+@dataclass
+class Session:
+    """A spec turned into a backend, a workload and a training step, ready to probe."""
+
+    spec: Spec
+    backend: Backend
+    workload: Workload
+    step: TrainStep
+
+    def find_max(
+        self,
+        on_start: Callable[[int], None] | None = None,
+        on_probe: ProbeCallback | None = None,
+    ) -> FindMaxResult:
+        p = self.spec.probe
+        return find_max(
+            self.step,
+            self.backend,
+            start=p.start,
+            cap=p.max_batch_size,
+            strategy=p.strategy,
+            steps=p.steps,
+            on_start=on_start,
+            on_probe=on_probe,
+        )
+
+
+def open_session(spec: Spec) -> Session:
+    """Pick the device, set the budget, build the model on it."""
+    backend = get_backend(spec.probe.device)
+    backend.set_budget(spec.probe.memory_budget)
+    with quiet_warnings():
+        workload = build_workload(spec, backend.device)
+    return Session(spec, backend, workload, TrainStep(workload, spec.train, backend.device))

@@ -1,0 +1,222 @@
+"""Search strategies: pure functions of the outcomes they are told. No device, no torch.
+
+A strategy is a generator: it yields the next batch size to try and receives the Observation of
+that probe. `search(fits, ...)` drives one with a plain function (what the tests do);
+`probe.find_max` drives one with real probes and can stop at any point (Ctrl-C) with what it has.
+
+Invariant kept by every strategy: `lo` is the largest size that fit, `hi` the smallest that did not;
+the search ends when `hi == lo + 1` (exact boundary) or `lo == cap`. Only tested sizes are returned.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+
+
+class Outcome(str, enum.Enum):
+    FIT = "fit"
+    OOM = "oom"
+    LIMIT = "limit"  # a non-memory batch limit (32-bit indexing, launch config): not growing past it
+    ERROR = "error"  # a bug in the model or spec: the search stops and reports it
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Observation:
+    outcome: Outcome
+    peak_bytes: int | None = None
+
+
+StrategyGen = Generator[int, Observation, None]
+
+
+def doubling(start: int, cap: int) -> StrategyGen:
+    """Double from `start` until the first non-fit, then bisect to the exact boundary."""
+    lo, hi = 0, None
+    b = min(start, cap)
+    while True:
+        obs = yield b
+        if obs.outcome is Outcome.ERROR:
+            return
+        if obs.outcome is Outcome.FIT:
+            lo = b
+            if b >= cap:
+                return
+        else:
+            hi = b
+        if hi is None:
+            b = min(2 * b, cap)
+            continue
+        if hi - lo <= 1:
+            return
+        b = (lo + hi) // 2
+
+
+def predictive(start: int, cap: int, limit_bytes: int) -> StrategyGen:
+    """Jump near the boundary using the measured peaks, then bracket and finish exactly.
+
+    Memory per probe is modelled as max(fixed, intercept + slope * b): flat while the optimizer
+    step dominates, affine once activations do (REFERENCE: 27.1 -> 28.7 -> 56.9 MB at 1, 2, 8).
+    - Growing: `b * (limit / peak - 1)` is a size that still fits under that model whatever the
+      split between fixed and per-sample memory, so it is a safe jump; with two points on the
+      affine part, the line's crossing of `limit` predicts the boundary itself.
+    - Bracketed: try the line's prediction (clamped inside the bracket) and its neighbour; fall
+      back to bisection whenever a prediction fails to halve the bracket, so the worst case stays
+      logarithmic.
+    Predictions are only places to look: the answer is always a tested size with `hi == lo + 1`.
+    """
+    lo, hi = 0, None
+    fits: list[tuple[int, int]] = []  # (batch, peak) of sizes that fit
+    b = min(start, cap)
+    bisect_next = False
+    while True:
+        width_before = None if hi is None else hi - lo
+        obs = yield b
+        if obs.outcome is Outcome.ERROR:
+            return
+        if obs.outcome is Outcome.FIT:
+            lo = b
+            if obs.peak_bytes is not None:
+                fits.append((b, obs.peak_bytes))
+            if b >= cap:
+                return
+        else:
+            hi = b
+        if hi is not None and hi - lo <= 1:
+            return
+        if hi is not None and lo == 0:  # even the first size failed: no peaks to go on
+            b = hi // 2
+            continue
+        guess = _predict(fits, limit_bytes)
+        if hi is None:
+            safe = _safe_jump(fits, limit_bytes)
+            candidates = [2 * lo, safe]
+            if guess is not None:
+                # the line may be too optimistic while a point sits on the flat part: never
+                # jump beyond 4x the safe size on its word alone
+                candidates.append(min(guess, 4 * max(safe, lo + 1)))
+            b = min(max(candidates), cap)
+            if b <= lo:
+                b = lo + 1
+            continue
+        assert hi is not None
+        width = hi - lo
+        if width_before is not None and width * 2 > width_before:
+            bisect_next = True  # the last try did not halve the bracket
+        if bisect_next or guess is None:
+            b = (lo + hi) // 2
+            bisect_next = False
+            continue
+        b = min(max(guess, lo + 1), hi - 1)
+
+
+def _safe_jump(fits: Sequence[tuple[int, int]], limit_bytes: int) -> int:
+    if not fits:
+        return 0
+    b, peak = max(fits)
+    if peak <= 0:
+        return 2 * b
+    return int(b * (limit_bytes / peak - 1))
+
+
+def _predict(fits: Sequence[tuple[int, int]], limit_bytes: int) -> int | None:
+    """Largest b with intercept + slope*b <= limit, from the line through the two largest fits."""
+    points = sorted(set(fits))
+    if len(points) < 2:
+        return None
+    (b1, p1), (b2, p2) = points[-2], points[-1]
+    if b2 == b1 or p2 <= p1:
+        return None
+    slope = (p2 - p1) / (b2 - b1)
+    intercept = p2 - slope * b2
+    if limit_bytes <= intercept:
+        return None
+    return math.floor((limit_bytes - intercept) / slope)
+
+
+STRATEGIES = ("doubling", "predict")
+
+
+def make_strategy(name: str, start: int, cap: int, limit_bytes: int | None) -> StrategyGen:
+    """'auto' is the predictive search when a memory limit is known, else doubling."""
+    if name == "auto":
+        name = "predict" if limit_bytes else "doubling"
+    if name == "predict":
+        if not limit_bytes:
+            raise ValueError("the predictive strategy needs a memory limit in bytes")
+        return predictive(start, cap, limit_bytes)
+    if name == "doubling":
+        return doubling(start, cap)
+    raise ValueError(f"unknown strategy {name!r}")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """What a search established. `best` is None when nothing fit."""
+
+    best: int | None
+    exact: bool  # best fit and best+1 was tried and did not (or best == cap)
+    capped: bool  # best == cap: larger sizes were not tried
+    probes: tuple[tuple[int, Observation], ...]
+    stopped: str  # boundary | cap | error | interrupted | nothing-fits | incomplete
+
+    @property
+    def num_probes(self) -> int:
+        return len(self.probes)
+
+
+def summarize(
+    probes: Sequence[tuple[int, Observation]], cap: int, *, interrupted: bool = False
+) -> SearchResult:
+    """The result implied by a list of probes (complete or not)."""
+    fit_sizes = [b for b, o in probes if o.outcome is Outcome.FIT]
+    failed = [b for b, o in probes if o.outcome is not Outcome.FIT]
+    best = max(fit_sizes) if fit_sizes else None
+    error = any(o.outcome is Outcome.ERROR for _, o in probes)
+    capped = best is not None and best >= cap
+    exact = best is not None and (capped or (best + 1) in failed)
+    if interrupted:
+        stopped = "interrupted"
+    elif error:
+        stopped = "error"
+    elif best is None:
+        stopped = "nothing-fits" if 1 in failed else "incomplete"
+    elif capped:
+        stopped = "cap"
+    else:
+        stopped = "boundary" if exact else "incomplete"
+    return SearchResult(best, exact, capped, tuple(probes), stopped)
+
+
+def search(
+    fits: Callable[[int], Observation | Outcome | bool],
+    start: int = 1,
+    cap: int = 65536,
+    strategy: str = "doubling",
+    limit_bytes: int | None = None,
+) -> SearchResult:
+    """Run a strategy against a plain function: `search(lambda b: b <= 37)`."""
+    gen = make_strategy(strategy, start, cap, limit_bytes)
+    probes: list[tuple[int, Observation]] = []
+    try:
+        b = next(gen)
+        while True:
+            obs = _as_observation(fits(b))
+            probes.append((b, obs))
+            b = gen.send(obs)
+    except StopIteration:
+        pass
+    return summarize(probes, cap)
+
+
+def _as_observation(value: Observation | Outcome | bool) -> Observation:
+    if isinstance(value, Observation):
+        return value
+    if isinstance(value, Outcome):
+        return Observation(value)
+    return Observation(Outcome.FIT if value else Outcome.OOM)

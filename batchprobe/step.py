@@ -1,0 +1,154 @@
+"""One training step — forward, loss, backward, optimizer step, zero_grad — and nothing else.
+
+No search or timing policy lives here: probes, timing and estimates all drive this same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from batchprobe.build import Batch, Workload
+from batchprobe.spec import TrainSpec
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class StepObserver(Protocol):
+    """Told which phase a step is in, and which tensors are gradients / optimizer state."""
+
+    def phase(self, name: str) -> None: ...
+
+    def mark(self, tensors: Any, tag: str) -> None: ...
+
+
+class TrainStep:
+    """A model on its device with a fresh optimizer per `begin()`; drives one step at a time."""
+
+    def __init__(
+        self,
+        workload: Workload,
+        train: TrainSpec,
+        device: torch.device,
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
+    ) -> None:
+        self.workload = workload
+        self.train_spec = train
+        self.device = device
+        self.model = workload.model.to(device)
+        self.model.train()
+        # What the step calls: a DDP/FSDP wrapper and/or torch.compile around the model.
+        self.runner: nn.Module = wrap(self.model) if wrap is not None else self.model
+        self._compiled: Callable[..., Any] | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+        self.observer: StepObserver | None = None
+        self.autocast_dtype = _AUTOCAST.get(train.precision)
+
+    # -- state ------------------------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = {}
+        for p in self.runner.parameters():
+            seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def persistent_tensors(self) -> list[torch.Tensor]:
+        """What lives across steps: parameters and buffers (the optimizer is fresh per probe)."""
+        tensors: list[torch.Tensor] = list(self.parameters())
+        tensors.extend(self.runner.buffers())
+        return tensors
+
+    def begin(self) -> None:
+        """Fresh optimizer and scaler, no gradients: every probe starts from the same state."""
+        self.end()
+        spec = self.train_spec.optimizer
+        params = [p for p in self.parameters() if p.requires_grad]
+        if spec.name == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=spec.lr, **spec.kwargs)
+        elif spec.name == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=spec.lr, **spec.kwargs)
+        elif spec.name == "adamw":
+            self.optimizer = torch.optim.AdamW(params, lr=spec.lr, **spec.kwargs)
+        if self.train_spec.precision == "fp16":
+            # init_scale=1: with the default 2**16 the first steps often overflow and are skipped,
+            # and a skipped step creates no optimizer state: the probe would under-count memory.
+            self.scaler = torch.amp.GradScaler(self.device.type, init_scale=1.0)
+        if self.train_spec.compile:
+            torch.compiler.reset()  # a fresh graph per batch size, as a real run compiles once
+            self._compiled = torch.compile(self.runner)
+
+    def end(self) -> None:
+        """Drop optimizer state and gradients (what a probe created)."""
+        self.optimizer = None
+        self.scaler = None
+        self._compiled = None
+        for p in self.parameters():
+            p.grad = None
+
+    # -- one step ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        if self.observer is not None:
+            self.observer.phase(name)
+        yield
+        if self.observer is not None:
+            self.observer.phase("other")
+
+    def make_batch(self, batch_size: int) -> Batch:
+        with self._phase("batch"):
+            return self.workload.make_batch(batch_size, self.device)
+
+    def forward_backward(self, batch: Batch, loss_divisor: int = 1) -> None:
+        """Forward, loss, backward. Divide the loss by `loss_divisor` under accumulation."""
+        model = self._compiled or self.runner
+        with self._phase("forward"):
+            ctx = (
+                torch.autocast(self.device.type, dtype=self.autocast_dtype)
+                if self.autocast_dtype is not None
+                else contextlib.nullcontext()
+            )
+            with ctx:
+                out = model(*batch.args, **batch.kwargs)
+                loss = self.workload.loss_fn(out, batch)
+            del out
+            if loss_divisor != 1:
+                loss = loss / loss_divisor
+        with self._phase("backward"):
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        if self.observer is not None:
+            self.observer.mark((p.grad for p in self.parameters() if p.grad is not None), "gradients")
+
+    def optimizer_step(self) -> None:
+        """optimizer.step() (through the GradScaler for fp16), then zero_grad(set_to_none=True)."""
+        with self._phase("optimizer"):
+            if self.optimizer is not None:
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+        if self.observer is not None and self.optimizer is not None:
+            self.observer.mark(_state_tensors(self.optimizer), "optimizer_state")
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            for p in self.parameters():
+                p.grad = None
+
+    def train_step(self, batch: Batch) -> None:
+        self.forward_backward(batch)
+        self.optimizer_step()
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                yield value
