@@ -180,7 +180,9 @@ def _call_factory(factory: Callable[..., Any], kwargs: Mapping[str, Any], what: 
     try:
         inspect.signature(factory).bind(**kwargs)
     except TypeError as exc:
-        raise SpecError([Problem("model.kwargs", f"{what} does not accept these kwargs: {exc}")]) from None
+        raise SpecError(
+            [Problem("model.kwargs", f"{what} does not accept these kwargs: {exc}")]
+        ) from None
     except ValueError:
         pass  # no signature available (builtins); let the call decide
     try:
@@ -198,9 +200,15 @@ def _build_torchvision(name: str, kwargs: Mapping[str, Any]) -> _Model:
         raise SpecError([Problem("model.source", f"torchvision has no model {name!r}{hint}")])
     kwargs = dict(kwargs)
     kwargs.setdefault("weights", None)
-    module = _call_factory(lambda **kw: tv.models.get_model(name, **kw), kwargs, f"torchvision:{name}")
+    module = _call_factory(
+        lambda **kw: tv.models.get_model(name, **kw), kwargs, f"torchvision:{name}"
+    )
     size = kwargs.get("image_size") or (299 if name.startswith("inception") else 224)
-    defaults = {"kind": "image", "shape": (3, size, size), "num_classes": kwargs.get("num_classes", 1000)}
+    defaults = {
+        "kind": "image",
+        "shape": (3, size, size),
+        "num_classes": kwargs.get("num_classes", 1000),
+    }
     return _Model(module, defaults, "cross_entropy")
 
 
@@ -215,7 +223,11 @@ def _build_timm(name: str, kwargs: Mapping[str, Any]) -> _Model:
     module = _call_factory(timm.create_model, {"model_name": name, **kwargs}, f"timm:{name}")
     cfg = getattr(module, "pretrained_cfg", None) or {}
     shape = tuple(cfg.get("input_size", (3, 224, 224)))
-    defaults = {"kind": "image", "shape": shape, "num_classes": getattr(module, "num_classes", 1000)}
+    defaults = {
+        "kind": "image",
+        "shape": shape,
+        "num_classes": getattr(module, "num_classes", 1000),
+    }
 
     def enable() -> None:
         module.set_grad_checkpointing(True)
@@ -497,7 +509,9 @@ def _model_loss(out: Any, batch: Batch) -> torch.Tensor:
     return loss
 
 
-def _resolve_loss(name: str, default: str, inputs: Inputs, base_dir: Path | None) -> tuple[str, LossFn]:
+def _resolve_loss(
+    name: str, default: str, inputs: Inputs, base_dir: Path | None
+) -> tuple[str, LossFn]:
     if name == "auto":
         if default != "auto":
             name = default
@@ -528,7 +542,12 @@ def _resolve_loss(name: str, default: str, inputs: Inputs, base_dir: Path | None
         close = difflib.get_close_matches(name, [*builtin, "auto"], n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise SpecError(
-            [Problem("loss", f"unknown loss {name!r}{hint} (auto | cross_entropy | mse | model | pkg.module:fn)")]
+            [
+                Problem(
+                    "loss",
+                    f"unknown loss {name!r}{hint} (auto | cross_entropy | mse | model | pkg.module:fn)",
+                )
+            ]
         )
     fn = import_object(name, "loss", base_dir)
     if not callable(fn):
@@ -553,7 +572,7 @@ def build_workload(spec: Spec, device: torch.device | str = "cpu") -> Workload:
     loss_name, loss_fn = _resolve_loss(spec.loss, built.loss, inputs, base_dir)
     make_batch = _make_batch_fn(inputs, base_dir, spec.train.channels_last)
     if spec.train.channels_last and inputs.kind == "image":
-        built.module = built.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        built.module = built.module.to(memory_format=torch.channels_last)
     if spec.train.gradient_checkpointing:
         if built.enable_checkpointing is None:
             raise SpecError(

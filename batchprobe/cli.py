@@ -42,7 +42,9 @@ app = typer.Typer(
 
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="YAML spec (see README for every key).", show_default=False),
+    typer.Option(
+        "--config", "-c", help="YAML spec (see README for every key).", show_default=False
+    ),
 ]
 SetOpt = Annotated[
     list[str] | None,
@@ -54,7 +56,8 @@ SetOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[
-    str | None, typer.Option(help="auto | cpu | cuda | cuda:N  [spec: probe.device]", show_default=False)
+    str | None,
+    typer.Option(help="auto | cpu | cuda | cuda:N  [spec: probe.device]", show_default=False),
 ]
 BudgetOpt = Annotated[
     str | None,
@@ -70,7 +73,12 @@ JsonOpt = Annotated[
 ]
 OutputOpt = Annotated[
     Path | None,
-    typer.Option("--output", "-o", help="Also write the JSON result to FILE (atomically).", show_default=False),
+    typer.Option(
+        "--output",
+        "-o",
+        help="Also write the JSON result to FILE (atomically).",
+        show_default=False,
+    ),
 ]
 ModelOpt = Annotated[
     str | None,
@@ -82,31 +90,48 @@ ModelOpt = Annotated[
 ]
 InputOpt = Annotated[
     str | None,
-    typer.Option("--input", help="Per-sample input shape, e.g. 3x224x224 or 784  [spec: inputs.shape]", show_default=False),
+    typer.Option(
+        "--input",
+        help="Per-sample input shape, e.g. 3x224x224 or 784  [spec: inputs.shape]",
+        show_default=False,
+    ),
 ]
 SeqLenOpt = Annotated[
     int | None, typer.Option(help="Tokens per sample  [spec: inputs.seq_len]", show_default=False)
 ]
 VocabOpt = Annotated[
-    int | None, typer.Option(help="Vocabulary size for token inputs  [spec: inputs.vocab_size]", show_default=False)
+    int | None,
+    typer.Option(
+        help="Vocabulary size for token inputs  [spec: inputs.vocab_size]", show_default=False
+    ),
 ]
 ClassesOpt = Annotated[
-    int | None, typer.Option(help="Classes for cross-entropy targets  [spec: inputs.num_classes]", show_default=False)
+    int | None,
+    typer.Option(
+        help="Classes for cross-entropy targets  [spec: inputs.num_classes]", show_default=False
+    ),
 ]
 PrecisionOpt = Annotated[
     str | None, typer.Option(help="fp32 | bf16 | fp16  [spec: train.precision]", show_default=False)
 ]
 OptimizerOpt = Annotated[
-    str | None, typer.Option(help="sgd | adam | adamw | none  [spec: train.optimizer.name]", show_default=False)
+    str | None,
+    typer.Option(
+        help="sgd | adam | adamw | none  [spec: train.optimizer.name]", show_default=False
+    ),
 ]
 StartOpt = Annotated[
     int | None, typer.Option(help="First batch size tried  [spec: probe.start]", show_default=False)
 ]
 MaxBatchOpt = Annotated[
-    int | None, typer.Option(help="Never probe above this  [spec: probe.max_batch_size]", show_default=False)
+    int | None,
+    typer.Option(help="Never probe above this  [spec: probe.max_batch_size]", show_default=False),
 ]
 StepsOpt = Annotated[
-    int | None, typer.Option(help="Full training steps per probe, at least 2  [spec: probe.steps]", show_default=False)
+    int | None,
+    typer.Option(
+        help="Full training steps per probe, at least 2  [spec: probe.steps]", show_default=False
+    ),
 ]
 StrategyOpt = Annotated[
     str | None,
@@ -154,9 +179,11 @@ def _fail(out: Out, command: str, exc: BatchprobeError) -> NoReturn:
         from batchprobe.report import to_json
 
         out.emit_json(
-            to_json({"command": command, "error": {"message": str(exc), "exit_code": exc.exit_code}})
+            to_json(
+                {"command": command, "error": {"message": str(exc), "exit_code": exc.exit_code}}
+            )
         )
-    out.err.print(Text("error: ", style="bold red") + Text(str(exc)))
+    out.err.print(Text("error: ", style="bold red") + Text(str(exc)), soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -171,17 +198,23 @@ def _handled(out: Out, command: str) -> Iterator[None]:
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
-def _load_spec(config: Path | None, sets: list[str] | None, flags: dict[str, Any], need_model: bool = True) -> Any:
+def _load_spec(config: Path | None, sets: list[str] | None, flags: dict[str, Any]) -> Any:
     from batchprobe.errors import Problem, SpecError
     from batchprobe.spec import load_spec
 
-    if config is None and "model.source" not in flags and not any(
-        s.startswith("model.source=") for s in sets or []
+    if (
+        config is None
+        and "model.source" not in flags
+        and not any(s.startswith("model.source=") for s in sets or [])
     ):
-        if need_model:
-            raise SpecError(
-                [Problem("model.source", "give --config FILE or --model SOURCE (e.g. --model zoo:mlp)")]
-            )
+        raise SpecError(
+            [
+                Problem(
+                    "model.source",
+                    "give --config FILE or --model SOURCE (e.g. --model zoo:mlp)",
+                )
+            ]
+        )
     return load_spec(config, sets or [], values=flags)
 
 
@@ -192,6 +225,15 @@ def _write_output(out: Out, path: Path | None, text: str) -> None:
 
     write_atomic(path, text)
     out.err.print(f"[dim]wrote {path}[/dim]")
+
+
+def _freeze_heap() -> None:
+    """Everything alive once the model is built lives for the whole command: move it out of the
+    garbage collector's scans, so the collections after failed probes cost milliseconds."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 # ----------------------------------------------------------------------------- find-max
@@ -242,6 +284,7 @@ def find_max_cmd(
         from batchprobe.probe import open_session
 
         session = open_session(spec)
+        _freeze_heap()
         result = _run_find_max(out, session)
         _finish_find_max(out, session, result, output)
 
@@ -299,7 +342,9 @@ def _finish_find_max(out: Out, session: Any, result: Any, output: Path | None) -
                 style="bold red",
             )
         )
-        out.err.print(error.failure.traceback or error.failure.message, markup=False, highlight=False)
+        out.err.print(
+            error.failure.traceback or error.failure.message, markup=False, highlight=False
+        )
         raise typer.Exit(EXIT_BAD_INPUT)
     if result.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -342,7 +387,9 @@ def _version_callback(value: bool) -> None:
 def _main(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version."),
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Show the version."
+        ),
     ] = False,
 ) -> None:
     pass

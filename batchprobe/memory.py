@@ -74,7 +74,7 @@ class StorageLedger:
     _peak_records: list[_Record] = field(default_factory=list)
 
     # -- recording ------------------------------------------------------------------------
-    def see(self, t: torch.Tensor, tag: str | None = None) -> None:
+    def see(self, t: torch.Tensor, tag: str | None = None, enforce: bool = True) -> None:
         found = _storage_key(t)
         if found is None:
             return
@@ -85,7 +85,7 @@ class StorageLedger:
             if record.nbytes != nbytes:  # resized in place (out= ops, resize_)
                 self.live_bytes += nbytes - record.nbytes
                 record.nbytes = nbytes
-                self._after_growth(nbytes)
+                self._after_growth(nbytes, enforce)
             if tag is not None:
                 record.tag = tag
             return
@@ -93,13 +93,14 @@ class StorageLedger:
         record.finalizer = weakref.finalize(storage, self._forget, key)
         self._live[key] = record
         self.live_bytes += nbytes
-        self._after_growth(nbytes)
+        self._after_growth(nbytes, enforce)
 
-    def _after_growth(self, nbytes: int) -> None:
+    def _after_growth(self, nbytes: int, enforce: bool) -> None:
         if self.live_bytes > self.peak_bytes:
             self.peak_bytes = self.live_bytes
             self._peak_pending = True
-        if self.budget_bytes is not None and self.live_bytes > self.budget_bytes and nbytes > 0:
+        over = self.budget_bytes is not None and self.live_bytes > self.budget_bytes
+        if over and enforce and nbytes > 0:
             raise torch.OutOfMemoryError(
                 f"CPU out of memory (batchprobe budget): tried to allocate {format_bytes(nbytes)}; "
                 f"{format_bytes(self.live_bytes - nbytes)} of the {format_bytes(self.budget_bytes)} "
@@ -121,9 +122,10 @@ class StorageLedger:
         self.current_phase = name
 
     def mark(self, tensors: Iterable[torch.Tensor], tag: str) -> None:
-        """Register tensors created outside the ledger's view, or re-categorise known ones."""
+        """Register tensors created outside the ledger's view, or re-categorise known ones.
+        Never raises: if they alone exceed the budget, the next allocation does."""
         for t in tensors:
-            self.see(t, tag)
+            self.see(t, tag, enforce=False)
 
     # -- results --------------------------------------------------------------------------
     def tagged_bytes(self, exclude: Sequence[str] = ()) -> int:

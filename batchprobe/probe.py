@@ -144,8 +144,9 @@ class ProbeResult:
         return d
 
 
-def clean(backend: Backend) -> None:
-    gc.collect()
+def clean(backend: Backend, collect: bool = True) -> None:
+    if collect:
+        gc.collect()
     backend.synchronize()
     backend.empty_cache()
 
@@ -162,7 +163,7 @@ def run_probe(step: TrainStep, backend: Backend, batch_size: int, steps: int = 2
     """One probe: `steps` full training steps at `batch_size`, then recovery. Never raises for
     OOM/limit/model errors (they become the outcome); KeyboardInterrupt passes through after
     cleanup."""
-    clean(backend)
+    clean(backend, collect=False)
     failure: Failure | None = None
     started = time.perf_counter()
     meter = None
@@ -171,15 +172,20 @@ def run_probe(step: TrainStep, backend: Backend, batch_size: int, steps: int = 2
         with backend.track(step) as meter:
             _run_steps(step, batch_size, steps)
             backend.synchronize()
-    except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome
+    except Exception as exc:
         failure = classify(exc)
     finally:
         # Recovery runs here, outside the except block: `exc` and its frames are gone.
         seconds = time.perf_counter() - started
         step.end()
-        clean(backend)
+        # A completed probe frees everything by reference counting; a failed one may leave
+        # reference cycles (traceback frames), and only then is a full collection worth it.
+        clean(backend, collect=failure is not None)
         if meter is not None:
             retained = meter.retained_bytes()
+            if retained:
+                clean(backend)
+                retained = meter.retained_bytes()
             meter.close()
     assert meter is not None
     return ProbeResult(

@@ -61,7 +61,9 @@ def probe_table(
             str(i),
             str(p.batch_size),
             Text(p.outcome.value, style=OUTCOME_STYLE[p.outcome]),
-            format_bytes(p.peak_bytes) if p.outcome is Outcome.FIT else f"≥{format_bytes(p.peak_bytes)}"
+            format_bytes(p.peak_bytes)
+            if p.outcome is Outcome.FIT
+            else f"≥{format_bytes(p.peak_bytes)}"
             if p.peak_bytes
             else "-",
             percent(p.peak_bytes, limit_bytes) if p.outcome is Outcome.FIT else "",
@@ -89,14 +91,19 @@ def find_max_summary(result: FindMaxResult, source: str) -> Panel:
         if result.interrupted:
             lines.append("Interrupted before any size fit.\n", style="bold yellow")
         elif result.error is not None:
-            lines.append("Stopped: the model raised an error (not a memory problem).\n", style="bold red")
+            lines.append(
+                "Stopped: the model raised an error (not a memory problem).\n", style="bold red"
+            )
         else:
             lines.append("Nothing fits: batch size 1 does not fit.\n", style="bold red")
     else:
         lines.append("Max micro-batch: ", style="bold")
         lines.append(f"{best}", style="bold green")
         if result.search.capped:
-            lines.append(f"  (cap reached: probe.max_batch_size = {best}; larger sizes not tried)", style="yellow")
+            lines.append(
+                f"  (cap reached: probe.max_batch_size = {best}; larger sizes not tried)",
+                style="yellow",
+            )
         elif result.search.exact:
             lines.append(f"  (exact: {best} fits, {best + 1} does not)", style="dim")
         else:
@@ -109,7 +116,9 @@ def find_max_summary(result: FindMaxResult, source: str) -> Panel:
                 f"  = {percent(peak, result.limit_bytes)} of the {limit_label(result)} "
                 f"({format_bytes(result.limit_bytes)})"
             )
-        lines.append(f"; {percent(peak, info.capacity_bytes)} of capacity ({format_bytes(info.capacity_bytes)})\n")
+        lines.append(
+            f"; {percent(peak, info.capacity_bytes)} of capacity ({format_bytes(info.capacity_bytes)})\n"
+        )
     lines.append(f"Model: {source}\n", style="dim")
     lines.append(
         f"Device: {info.device} ({info.name}), torch {info.torch_version}; "

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 class Outcome(str, enum.Enum):
     FIT = "fit"
     OOM = "oom"
-    LIMIT = "limit"  # a non-memory batch limit (32-bit indexing, launch config): not growing past it
+    LIMIT = (
+        "limit"  # a non-memory batch limit (32-bit indexing, launch config): not growing past it
+    )
     ERROR = "error"  # a bug in the model or spec: the search stops and reports it
 
     def __str__(self) -> str:

@@ -113,9 +113,7 @@ class ProbeSpec:
     steps: int = field(default=2, metadata=_doc("full training steps per probe", min=2))
     strategy: Strategy = field(default="auto", metadata=_doc("auto | doubling | predict"))
     isolate: bool = field(default=False, metadata=_doc("run each probe in a child process"))
-    timeout_s: float = field(
-        default=600.0, metadata=_doc("isolated probe timeout, seconds", gt=0)
-    )
+    timeout_s: float = field(default=600.0, metadata=_doc("isolated probe timeout, seconds", gt=0))
 
 
 @dataclass(frozen=True)
@@ -133,7 +131,8 @@ class PlanSpec:
         default=None, metadata=_doc("global batch at which base_lr works", min=1)
     )
     lr_scaling: LrScaling = field(
-        default="auto", metadata=_doc("auto (sqrt for Adam-family, linear for SGD) | linear | sqrt | none")
+        default="auto",
+        metadata=_doc("auto (sqrt for Adam-family, linear for SGD) | linear | sqrt | none"),
     )
     dataset_size: int | None = field(default=None, metadata=_doc("samples per epoch", min=1))
     total_tokens: int | None = field(default=None, metadata=_doc("tokens in the whole run", min=1))
@@ -302,6 +301,7 @@ def load_spec(
     if spec is not None:
         problems.extend(_cross_checks(spec, lines))
     if problems:
+        problems.sort(key=lambda p: (p.line is None, p.line or 0))
         raise SpecError(problems, origin)
     assert spec is not None
     return dataclasses.replace(spec, origin=origin)
@@ -310,13 +310,14 @@ def load_spec(
 def _parse_yaml(text: str, origin: str | None) -> tuple[Any, dict[str, int]]:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 - SafeLoader is safe_load
+        data = yaml.load(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         line = mark.line + 1 if mark is not None else None
-        raise SpecError(
-            [Problem("", f"invalid YAML: {exc.problem or exc}", line)], origin
-        ) from None
+        text = f"invalid YAML: {exc.problem or exc}"
+        if exc.context and exc.context_mark is not None:
+            text += f" ({exc.context} started on line {exc.context_mark.line + 1})"
+        raise SpecError([Problem("", text, line)], origin) from None
     except yaml.YAMLError as exc:
         raise SpecError([Problem("", f"invalid YAML: {exc}")], origin) from None
     lines: dict[str, int] = {}
@@ -515,7 +516,9 @@ def _convert_scalar(tp: Any, origin: Any, args: tuple[Any, ...], value: Any) -> 
             raise _Invalid(str(exc)) from None
     if tp is MemorySize:
         if not isinstance(value, str | int | float):
-            raise _Invalid(f"must be a size such as 24GiB or a fraction such as 0.9, got {_type_name(value)}")
+            raise _Invalid(
+                f"must be a size such as 24GiB or a fraction such as 0.9, got {_type_name(value)}"
+            )
         try:
             return parse_memory_size(value)
         except ValueError as exc:
@@ -612,7 +615,9 @@ def _cross_checks(spec: Spec, lines: dict[str, int]) -> list[Problem]:
     if plan.dataset_size is not None and plan.total_tokens is not None:
         add("plan.total_tokens", "give plan.dataset_size or plan.total_tokens, not both")
     if plan.base_lr is not None and plan.base_batch_size is None:
-        add("plan.base_batch_size", "is required with plan.base_lr (the batch base_lr was tuned at)")
+        add(
+            "plan.base_batch_size", "is required with plan.base_lr (the batch base_lr was tuned at)"
+        )
     if plan.base_batch_size is not None and plan.base_lr is None:
         add("plan.base_lr", "is required with plan.base_batch_size")
     inputs = spec.inputs
@@ -648,7 +653,11 @@ def describe_keys() -> list[tuple[str, str, str]]:
             tp = hints[f.name]
             inner = [a for a in typing.get_args(tp) if a is not type(None)]
             target = inner[0] if typing.get_origin(tp) in (Union, types.UnionType) else tp
-            if dataclasses.is_dataclass(target) and target not in (Threshold, ByteThreshold):
+            if dataclasses.is_dataclass(target) and target not in (
+                Threshold,
+                ByteThreshold,
+                MemorySize,
+            ):
                 walk(target, path)  # type: ignore[arg-type]
             else:
                 rows.append((path, _describe_type(tp), f.metadata.get("doc", "")))
@@ -658,6 +667,28 @@ def describe_keys() -> list[tuple[str, str, str]]:
 
 
 def _describe_type(tp: Any) -> str:
-    text = str(tp).replace("typing.", "").replace("batchprobe.spec.", "")
-    text = text.replace("batchprobe.units.", "").replace("collections.abc.", "")
-    return text.replace("NoneType", "None")
+    optional = typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(
+        tp
+    )
+    if optional:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    names = {
+        int: "integer",
+        float: "number",
+        bool: "boolean",
+        str: "string",
+        MemorySize: "size or fraction",
+        Bytes: "size",
+        Threshold: "{micro_batch_size, value}",
+        ByteThreshold: "{micro_batch_size, value}",
+    }
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        text = "one of " + " | ".join(str(a) for a in typing.get_args(tp))
+    elif origin is tuple:
+        text = "list of integers"
+    elif origin in (Mapping, dict):
+        text = "mapping"
+    else:
+        text = names.get(tp, getattr(tp, "__name__", str(tp)))
+    return f"{text} or null" if optional else text

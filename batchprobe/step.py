@@ -123,7 +123,9 @@ class TrainStep:
             else:
                 loss.backward()
         if self.observer is not None:
-            self.observer.mark((p.grad for p in self.parameters() if p.grad is not None), "gradients")
+            self.observer.mark(
+                (p.grad for p in self.parameters() if p.grad is not None), "gradients"
+            )
 
     def optimizer_step(self) -> None:
         """optimizer.step() (through the GradScaler for fp16), then zero_grad(set_to_none=True)."""

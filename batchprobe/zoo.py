@@ -6,6 +6,7 @@ Sizes are set by kwargs; weights are random (memory and speed do not depend on t
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +47,7 @@ class MLP(_Checkpointable):
         super().__init__()
         dims = [in_features] + [hidden] * depth
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(a, b), nn.GELU()) for a, b in zip(dims[:-1], dims[1:], strict=True)
+            nn.Sequential(nn.Linear(a, b), nn.GELU()) for a, b in itertools.pairwise(dims)
         )
         self.head = nn.Linear(dims[-1], num_classes)
 
@@ -215,4 +216,3 @@ ZOO: dict[str, ZooEntry] = {
 
 def describe_zoo() -> list[tuple[str, str]]:
     return [(f"zoo:{name}", entry.summary) for name, entry in ZOO.items()]
-

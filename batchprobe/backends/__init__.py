@@ -82,7 +82,7 @@ def describe_environment() -> dict[str, object]:
             )
         info["cudnn"] = torch.backends.cudnn.version()
     info["cuda_devices"] = devices
-    packages = {}
+    packages: dict[str, str | None] = {}
     for name in ("transformers", "torchvision", "timm", "matplotlib", "typer", "rich"):
         try:
             packages[name] = importlib.metadata.version(name)

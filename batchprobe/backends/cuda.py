@@ -57,7 +57,9 @@ class CudaBackend:
                 "hip": getattr(torch.version, "hip", None),
                 "capability": f"{props.major}.{props.minor}",
                 "multiprocessors": props.multi_processor_count,
-                "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+                "cudnn": torch.backends.cudnn.version()
+                if torch.backends.cudnn.is_available()
+                else None,
                 "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                 "memory": "max_memory_allocated (caching allocator)",
             },

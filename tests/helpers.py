@@ -1,0 +1,43 @@
+"""Shared helpers for tests that run real probes."""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+from batchprobe.probe import Session, open_session, run_probe
+from batchprobe.spec import load_spec
+from batchprobe.units import MemorySize
+
+
+def session(source: str, budget: int | str = "256MiB", **sections: Any) -> Session:
+    """A CPU session for `source` with a memory budget; extra spec sections as dicts."""
+    import json
+
+    data: dict[str, Any] = {"model": {"source": source}, "probe": {"device": "cpu"}}
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    data["probe"]["memory_budget"] = budget
+    s = open_session(load_spec(text=json.dumps(data)))
+    gc.collect()
+    gc.freeze()  # as the CLI does: keeps the collections after failed probes cheap
+    return s
+
+
+def peak_at(s: Session, batch_size: int) -> int:
+    """Measured peak at one size with an ample budget."""
+    saved = s.backend.budget_bytes
+    s.backend.set_budget(MemorySize(bytes=64 * 1024**3))
+    try:
+        result = run_probe(s.step, s.backend, batch_size)
+    finally:
+        s.backend.budget_bytes = saved
+    assert result.peak_bytes is not None
+    return result.peak_bytes
+
+
+def budget_for(s: Session, boundary: int) -> int:
+    """A budget whose exact boundary is `boundary` (between the peaks at b and b+1)."""
+    lo, hi = peak_at(s, boundary), peak_at(s, boundary + 1)
+    assert hi > lo, "peak must grow with batch size here"
+    return (lo + hi) // 2

@@ -1,0 +1,239 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from batchprobe.cli import app
+
+runner = CliRunner()
+ROOT = Path(__file__).parent.parent
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+FIND_MAX_KEYS = {
+    "command", "device", "device_name", "capacity_bytes", "budget_bytes", "max_batch_size",
+    "capped", "probes", "seconds",
+}  # fmt: skip
+PROBE_KEYS = {"batch_size", "outcome", "peak_bytes", "seconds"}
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_find_max_quickstart_json_contract_and_exact_boundary() -> None:
+    result = run(
+        "find-max", "--config", QUICKSTART, "--device", "cpu", "--memory-budget", "1GiB", "--json"
+    )
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)  # stdout is nothing but the JSON
+    assert set(data) >= FIND_MAX_KEYS
+    assert data["command"] == "find-max"
+    assert data["budget_bytes"] == 1024**3
+    best = data["max_batch_size"]
+    outcomes = {p["batch_size"]: p["outcome"] for p in data["probes"]}
+    for p in data["probes"]:
+        assert set(p) >= PROBE_KEYS
+    assert outcomes[best] == "fit"
+    assert outcomes[best + 1] == "oom"
+    assert data["exact"] and not data["capped"]
+    assert data["peak_bytes"] <= data["budget_bytes"]
+    assert "Max micro-batch" in result.stderr  # the human summary went to stderr
+
+
+def test_find_max_from_flags_alone_with_output_file(tmp_path: Path) -> None:
+    out = tmp_path / "sub" / "result.json"
+    result = run(
+        "find-max",
+        "--model",
+        "user_models:tiny_mlp",
+        "--input",
+        "16",
+        "--num-classes",
+        "4",
+        "--device",
+        "cpu",
+        "--memory-budget",
+        "8MiB",
+        "--optimizer",
+        "sgd",
+        "--output",
+        str(out),
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["max_batch_size"] > 1
+    assert "Max micro-batch" in result.stdout
+    assert not list(out.parent.glob(".result.json.*"))  # no temporary left behind
+
+
+def test_cap_is_reported() -> None:
+    result = run(
+        "find-max", "--model", "zoo:mlp", "--device", "cpu", "--max-batch-size", "12", "--json"
+    )
+    data = json.loads(result.stdout)
+    assert result.exit_code == 0
+    assert data["max_batch_size"] == 12 and data["capped"]
+    assert max(p["batch_size"] for p in data["probes"]) == 12
+
+
+def test_nothing_fits_exits_4() -> None:
+    result = run(
+        "find-max", "--model", "zoo:mlp", "--device", "cpu", "--memory-budget", "1MiB", "--json"
+    )
+    assert result.exit_code == 4
+    data = json.loads(result.stdout)
+    assert data["max_batch_size"] is None
+    assert data["probes"][-1]["batch_size"] == 1
+    assert "Nothing fits" in result.stderr
+
+
+def test_missing_device_exits_3() -> None:
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    result = run("find-max", "--model", "zoo:mlp", "--device", "cuda")
+    assert result.exit_code == 3
+    assert "no CUDA device is available" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "zoo:mlpp"], "did you mean 'zoo:mlp'"),
+        (["--model", "torchvision:resnet5O"], "torchvision has no model 'resnet5O'"),
+        (["--model", "no_such_pkg.models:net"], "cannot import module 'no_such_pkg.models'"),
+        (["--model", "user_models:nope"], "has no attribute 'nope'"),
+        (["--model", "user_models:not_a_module"], "returned int, not a torch.nn.Module"),
+        (["--model", "missing/file.py:net"], "file not found: missing/file.py"),
+        (
+            ["--model", "zoo:mlp", "--set", "model.kwargs={colour: red}"],
+            "does not accept these kwargs",
+        ),
+        (["--model", "transformers:not-a-model-type"], "neither a model type nor a hub id"),
+        (["--model", "zoo:mlp", "--precision", "fp8"], "train.precision: must be one of"),
+        (["--model", "zoo:mlp", "--memory-budget", "12 parsecs"], "unknown unit 'parsecs'"),
+        (["--model", "zoo:mlp", "--set", "loss=hinge"], "unknown loss 'hinge'"),
+        ([], "give --config FILE or --model SOURCE"),
+        (
+            ["--model", "torchvision:resnet18", "--set", "train.gradient_checkpointing=true"],
+            "offers no switch",
+        ),
+    ],
+)
+def test_bad_input_exits_2_with_one_clear_message(args: list[str], message: str) -> None:
+    result = run("find-max", "--device", "cpu", *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_bad_input_in_json_mode_is_json_too() -> None:
+    result = run("find-max", "--model", "zoo:nope", "--json")
+    assert result.exit_code == 2
+    data = json.loads(result.stdout)
+    assert data["error"]["exit_code"] == 2 and "zoo" in data["error"]["message"]
+
+
+def test_spec_file_errors_name_the_line(tmp_path: Path) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("model: {source: zoo:mlp}\nprobe:\n  start: 0\n  memory_budget: 3 bananas\n")
+    result = run("find-max", "--config", str(spec))
+    assert result.exit_code == 2
+    assert "line 3: probe.start: must be at least 1" in result.stderr
+    assert "line 4: probe.memory_budget" in result.stderr
+
+
+def test_model_error_exits_2_with_its_traceback() -> None:
+    result = run(
+        "find-max",
+        "--model",
+        "user_models:broken",
+        "--input",
+        "16",
+        "--num-classes",
+        "4",
+        "--device",
+        "cpu",
+        "--strategy",
+        "doubling",
+    )
+    assert result.exit_code == 2
+    assert "not about memory" in result.stderr
+    assert "mat1 and mat2" in result.stderr
+
+
+def test_missing_optional_package_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm now raises ImportError
+    result = run("find-max", "--model", "timm:resnet18", "--device", "cpu")
+    assert result.exit_code == 2
+    assert "pip install 'timm'" in result.stderr
+
+
+def test_ctrl_c_prints_and_writes_partial_results_and_exits_130(tmp_path: Path) -> None:
+    out = tmp_path / "partial.json"
+    result = run(
+        "find-max",
+        "--model",
+        "user_models:interrupting",
+        "--input",
+        "16",
+        "--num-classes",
+        "4",
+        "--device",
+        "cpu",
+        "--strategy",
+        "doubling",
+        "--json",
+        "--output",
+        str(out),
+    )
+    assert result.exit_code == 130
+    data = json.loads(out.read_text())
+    assert data["interrupted"] is True
+    assert data["max_batch_size"] == 8  # 1, 2, 4, 8 fit; Ctrl-C during 16
+    assert [p["batch_size"] for p in data["probes"]] == [1, 2, 4, 8]
+    assert json.loads(result.stdout) == data
+    assert "Interrupted" in result.stderr
+
+
+def test_env_json() -> None:
+    result = run("env", "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data["command"] == "env"
+    assert "torch" in data and isinstance(data["cuda_devices"], list)
+
+
+def test_python_dash_m_entry_point() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "batchprobe", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and done.stdout.startswith("batchprobe ")
+
+
+def test_help_lists_every_flag() -> None:
+    result = run("find-max", "--help")
+    for flag in [
+        "--config",
+        "--set",
+        "--device",
+        "--memory-budget",
+        "--model",
+        "--input",
+        "--seq-len",
+        "--vocab-size",
+        "--precision",
+        "--optimizer",
+        "--json",
+        "--output",
+    ]:
+        assert flag in result.stdout

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import pytest
+
+from batchprobe.units import (
+    MemorySize,
+    format_bytes,
+    format_seconds,
+    parse_bytes,
+    parse_memory_size,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("24GiB", 24 * 1024**3),
+        ("24GB", 24 * 1000**3),
+        ("512MiB", 512 * 1024**2),
+        ("512 mb", 512 * 1000**2),
+        ("1.5GiB", int(1.5 * 1024**3)),
+        ("1024", 1024),
+        (4096, 4096),
+        ("80gb", 80 * 1000**3),
+    ],
+)
+def test_parse_bytes(text: str | int, expected: int) -> None:
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["12 parsecs", "GiB", "", "-1GiB", "1..5GB"])
+def test_parse_bytes_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_bytes(text)
+
+
+def test_memory_size_fraction_and_bytes() -> None:
+    assert parse_memory_size(0.9) == MemorySize(fraction=0.9)
+    assert parse_memory_size("0.5") == MemorySize(fraction=0.5)
+    assert parse_memory_size("90%") == MemorySize(fraction=0.9)
+    assert parse_memory_size("2GiB") == MemorySize(bytes=2 * 1024**3)
+    assert parse_memory_size(0.5).resolve(1000) == 500
+    with pytest.raises(ValueError):
+        parse_memory_size("150%")
+    with pytest.raises(ValueError):
+        parse_memory_size(True)
+
+
+def test_formatting() -> None:
+    assert format_bytes(1536) == "1.50 KiB"
+    assert format_bytes(200 * 1024**2) == "200 MiB"
+    assert format_bytes(None) == "-"
+    assert format_seconds(0.0123) == "12.3 ms"
+    assert format_seconds(125) == "2 min 05 s"
+    assert format_seconds(7300) == "2 h 01 min"
