@@ -24,7 +24,7 @@ def find_max_batch_size(spec: Spec) -> FindMaxResult:
     """Largest micro-batch that completes full training steps. Raises NothingFitsError when
     batch 1 does not fit and ModelError when the model fails for a reason other than memory."""
     from batchprobe.errors import ModelError, NothingFitsError
-    from batchprobe.probe import open_session
+    from batchprobe.session import open_session
 
     result = open_session(spec).find_max()
     error = result.error

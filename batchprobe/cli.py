@@ -281,7 +281,7 @@ def find_max_cmd(
             strategy=strategy,
         )
         spec = _load_spec(config, set_, flags)
-        from batchprobe.probe import open_session
+        from batchprobe.session import open_session
 
         session = open_session(spec)
         _freeze_heap()
@@ -333,6 +333,11 @@ def _finish_find_max(out: Out, session: Any, result: Any, output: Path | None) -
     if out.json_mode:
         out.emit_json(text)
     out.human.print(find_max_summary(result, source))
+    _finish_find_max_exit(out, result)
+
+
+def _finish_find_max_exit(out: Out, result: Any) -> None:
+    """Exit codes after a search: 2 on a model error, 130 interrupted, 4 nothing fits."""
     error = result.error
     if error is not None and error.failure is not None:
         out.err.print(
@@ -350,6 +355,262 @@ def _finish_find_max(out: Out, session: Any, result: Any, output: Path | None) -
         raise typer.Exit(EXIT_INTERRUPTED)
     if result.max_batch_size is None:
         raise typer.Exit(EXIT_NOTHING_FITS)
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+@app.command("plan")
+def plan_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    device: DeviceOpt = None,
+    memory_budget: BudgetOpt = None,
+    model: ModelOpt = None,
+    precision: PrecisionOpt = None,
+    optimizer: OptimizerOpt = None,
+    strategy: StrategyOpt = None,
+    global_batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Samples per optimizer step  [spec: plan.global_batch_size]", show_default=False
+        ),
+    ] = None,
+    global_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Tokens per optimizer step  [spec: plan.global_tokens]", show_default=False
+        ),
+    ] = None,
+    base_lr: Annotated[
+        float | None,
+        typer.Option(
+            help="LR known to work at --base-batch-size  [spec: plan.base_lr]", show_default=False
+        ),
+    ] = None,
+    base_batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Global batch base_lr was tuned at  [spec: plan.base_batch_size]",
+            show_default=False,
+        ),
+    ] = None,
+    lr_scaling: Annotated[
+        str | None,
+        typer.Option(
+            help="auto | linear | sqrt | none  [spec: plan.lr_scaling]", show_default=False
+        ),
+    ] = None,
+    dataset_size: Annotated[
+        int | None,
+        typer.Option(help="Samples per epoch  [spec: plan.dataset_size]", show_default=False),
+    ] = None,
+    total_tokens: Annotated[
+        int | None,
+        typer.Option(help="Tokens in the whole run  [spec: plan.total_tokens]", show_default=False),
+    ] = None,
+    epochs: Annotated[
+        float | None, typer.Option(help="Epochs  [spec: plan.epochs]", show_default=False)
+    ] = None,
+    num_gpus: Annotated[
+        int | None,
+        typer.Option(
+            help="Data-parallel ranks (default WORLD_SIZE, else 1)  [spec: plan.num_gpus]",
+            show_default=False,
+        ),
+    ] = None,
+    headroom: Annotated[
+        float | None,
+        typer.Option(
+            help="Keep peak below this fraction of the limit (0.9)  [spec: plan.headroom]",
+            show_default=False,
+        ),
+    ] = None,
+    peak_tflops: Annotated[
+        float | None,
+        typer.Option(
+            help="Device peak TFLOP/s for MFU  [spec: plan.peak_tflops]", show_default=False
+        ),
+    ] = None,
+    json_: JsonOpt = False,
+    output: OutputOpt = None,
+    csv_file: Annotated[
+        Path | None, typer.Option("--csv", help="Write the rows as CSV.", show_default=False)
+    ] = None,
+    markdown_file: Annotated[
+        Path | None, typer.Option("--markdown", help="Write a Markdown report.", show_default=False)
+    ] = None,
+    plot_file: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Write a PNG chart (needs matplotlib).", show_default=False),
+    ] = None,
+) -> None:
+    """find-max, then timed passes at several micro-batches: memory, throughput, accumulation, scaled LR and projected wall-clock per micro-batch, and a recommendation.
+
+    Candidates are the powers of two up to the max, the max itself, and the largest size whose peak stays within the headroom (or plan.candidates). Exit codes as find-max; 130 on Ctrl-C with the rows timed so far.
+    """
+    out = Out(json_)
+    with _handled(out, "plan"):
+        flags = _flag_values(
+            device=device,
+            memory_budget=memory_budget,
+            model=model,
+            precision=precision,
+            optimizer=optimizer,
+            strategy=strategy,
+        )
+        plan_flags = {
+            "plan.global_batch_size": global_batch_size,
+            "plan.global_tokens": global_tokens,
+            "plan.base_lr": base_lr,
+            "plan.base_batch_size": base_batch_size,
+            "plan.lr_scaling": lr_scaling,
+            "plan.dataset_size": dataset_size,
+            "plan.total_tokens": total_tokens,
+            "plan.epochs": epochs,
+            "plan.num_gpus": num_gpus,
+            "plan.headroom": headroom,
+            "plan.peak_tflops": peak_tflops,
+        }
+        flags.update({k: v for k, v in plan_flags.items() if v is not None})
+        spec = _load_spec(config, set_, flags)
+        from batchprobe.session import open_session
+
+        session = open_session(spec)
+        _freeze_heap()
+        run = _run_plan(out, session)
+        _finish_plan(out, session, run, output, csv_file, markdown_file, plot_file)
+
+
+def _run_plan(out: Out, session: Any) -> Any:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from batchprobe.report import probe_table
+    from batchprobe.session import PlanProgress
+    from batchprobe.units import format_count, format_seconds
+
+    console = out.err
+    limit = session.limit_bytes
+    done: list[Any] = []
+    live: Live | None = None
+    progress: Progress | None = None
+    task: Any = None
+
+    def on_probe_start(b: int) -> None:
+        if live is not None:
+            live.update(probe_table(done, limit, running=b))
+
+    def on_probe(p: Any) -> None:
+        done.append(p)
+        if live is not None:
+            live.update(probe_table(done, limit))
+        else:
+            console.print(f"probe batch {p.batch_size}: {p.outcome.value}", markup=False)
+
+    def on_phase(name: str) -> None:
+        nonlocal live
+        if name == "headroom" and live is not None:
+            live.stop()
+            live = None
+
+    def on_candidate(b: int, i: int, n: int) -> None:
+        nonlocal progress, task
+        if live is not None:
+            live.stop()
+        if console.is_terminal:
+            if progress is None:
+                progress = Progress(
+                    TextColumn("timing micro-batch"),
+                    TextColumn("[bold]{task.fields[batch]:>6}"),
+                    BarColumn(),
+                    TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(),
+                    console=console,
+                    transient=True,
+                )
+                progress.start()
+                task = progress.add_task("timing", total=n, batch=b)
+            progress.update(task, batch=b, completed=i - 1)
+        else:
+            console.print(f"timing micro-batch {b} ({i}/{n})", markup=False)
+
+    def on_timing(b: int, t: Any) -> None:
+        line = (
+            f"  micro-batch {b}: fwd+bwd {format_seconds(t.fwd_bwd_s)}, optimizer "
+            f"{format_seconds(t.optimizer_s)}, {format_count(b / t.step_s)} samples/s per step"
+            + ("  (unstable)" if t.unstable else "")
+        )
+        if progress is not None:
+            progress.console.print(line, markup=False)
+        else:
+            console.print(line, markup=False)
+
+    callbacks = PlanProgress(on_probe_start, on_probe, on_phase, on_candidate, on_timing)
+    if console.is_terminal:
+        live = Live(probe_table([], limit), console=console, refresh_per_second=8)
+        live.start()
+    try:
+        return session.plan(callbacks)
+    finally:
+        if live is not None:
+            live.stop()
+        if progress is not None:
+            progress.stop()
+
+
+def _finish_plan(
+    out: Out,
+    session: Any,
+    run: Any,
+    output: Path | None,
+    csv_file: Path | None,
+    markdown_file: Path | None,
+    plot_file: Path | None,
+) -> None:
+    from batchprobe.report import (
+        find_max_summary,
+        plan_chart,
+        plan_csv,
+        plan_json,
+        plan_markdown,
+        plan_plot,
+        plan_table,
+        recommendation_panel,
+        to_json,
+        write_atomic,
+    )
+
+    source = session.spec.model.source
+    text = to_json(plan_json(run, source))
+    _write_output(out, output, text)
+    plan = run.plan
+    if plan is not None:
+        if csv_file is not None:
+            write_atomic(csv_file, plan_csv(plan))
+            out.err.print(f"[dim]wrote {csv_file}[/dim]")
+        if markdown_file is not None:
+            write_atomic(markdown_file, plan_markdown(plan, run, source))
+            out.err.print(f"[dim]wrote {markdown_file}[/dim]")
+        if plot_file is not None:
+            plan_plot(plan, plot_file, source)
+            out.err.print(f"[dim]wrote {plot_file}[/dim]")
+    if out.json_mode:
+        out.emit_json(text)
+    out.human.print(find_max_summary(run.find_max, source))
+    if plan is not None and plan.rows:
+        out.human.print(plan_table(plan))
+        out.human.print(plan_chart(plan))
+        out.human.print(recommendation_panel(plan))
+    for warning in [*run.warnings, *(plan.warnings if plan else ())]:
+        out.human.print(Text(f"warning: {warning}", style="yellow"))
+    fm = run.find_max
+    if fm.error is not None or fm.max_batch_size is None:
+        _finish_find_max_exit(out, fm)
+    if run.interrupted:
+        out.human.print(
+            Text("Interrupted: the rows above are what was timed so far.", style="yellow")
+        )
+        raise typer.Exit(EXIT_INTERRUPTED)
 
 
 # ----------------------------------------------------------------------------- env

@@ -12,15 +12,13 @@ from __future__ import annotations
 import gc
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from batchprobe.backends import Backend, DeviceInfo, get_backend
-from batchprobe.build import Workload, build_workload, quiet_warnings
+from batchprobe.backends import Backend, DeviceInfo
 from batchprobe.search import Observation, Outcome, SearchResult, make_strategy, summarize
-from batchprobe.spec import Spec
 from batchprobe.step import TrainStep
 
 # Lower-case fragments of exception messages, checked along the __cause__/__context__ chain after
@@ -120,6 +118,7 @@ class ProbeResult:
     retained_bytes: int = 0  # still held after recovery: should be 0
     alloc_retries: int = 0
     failure: Failure | None = None
+    reused: bool = False  # answered from an earlier probe's measured peak, not run again
 
     def observation(self) -> Observation:
         return Observation(self.outcome, self.peak_bytes if self.outcome is Outcome.FIT else None)
@@ -137,6 +136,8 @@ class ProbeResult:
             d["alloc_retries"] = self.alloc_retries
         if self.retained_bytes:
             d["retained_bytes"] = self.retained_bytes
+        if self.reused:
+            d["reused"] = True
         if self.failure is not None:
             d["kind"] = self.failure.kind
             d["error_type"] = self.failure.error_type
@@ -249,8 +250,13 @@ def find_max(
     on_start: Callable[[int], None] | None = None,
     on_probe: ProbeCallback | None = None,
     prober: Callable[[int], ProbeResult] | None = None,
+    known: Mapping[int, int] | None = None,
 ) -> FindMaxResult:
-    """Drive a search strategy with real probes. Ctrl-C ends it with the probes made so far."""
+    """Drive a search strategy with real probes. Ctrl-C ends it with the probes made so far.
+
+    `known` maps batch sizes to peaks measured earlier (completed probes): against the current
+    limit they answer without running again (peak <= limit: fit, else oom).
+    """
     limit = backend.budget_bytes or backend.free_bytes_at_start
     name = strategy if strategy != "auto" else ("predict" if limit else "doubling")
     gen = make_strategy(name, start, cap, limit)
@@ -262,9 +268,16 @@ def find_max(
     try:
         b = next(gen)
         while True:
-            if on_start is not None:
-                on_start(b)
-            result = run(b)
+            if known is not None and b in known and limit:
+                peak = known[b]
+                fits = peak <= limit
+                result = ProbeResult(
+                    b, Outcome.FIT if fits else Outcome.OOM, peak, 0.0, reused=True
+                )
+            else:
+                if on_start is not None:
+                    on_start(b)
+                result = run(b)
             probes.append(result)
             if on_probe is not None:
                 on_probe(result)
@@ -291,39 +304,3 @@ def find_max(
         seconds=time.perf_counter() - started,
         warnings=warnings,
     )
-
-
-@dataclass
-class Session:
-    """A spec turned into a backend, a workload and a training step, ready to probe."""
-
-    spec: Spec
-    backend: Backend
-    workload: Workload
-    step: TrainStep
-
-    def find_max(
-        self,
-        on_start: Callable[[int], None] | None = None,
-        on_probe: ProbeCallback | None = None,
-    ) -> FindMaxResult:
-        p = self.spec.probe
-        return find_max(
-            self.step,
-            self.backend,
-            start=p.start,
-            cap=p.max_batch_size,
-            strategy=p.strategy,
-            steps=p.steps,
-            on_start=on_start,
-            on_probe=on_probe,
-        )
-
-
-def open_session(spec: Spec) -> Session:
-    """Pick the device, set the budget, build the model on it."""
-    backend = get_backend(spec.probe.device)
-    backend.set_budget(spec.probe.memory_budget)
-    with quiet_warnings():
-        workload = build_workload(spec, backend.device)
-    return Session(spec, backend, workload, TrainStep(workload, spec.train, backend.device))

@@ -5,22 +5,28 @@ Rendering is data in, renderable out; `cli.py` decides where it goes.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
 import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 from batchprobe.backends import DeviceInfo
+from batchprobe.planning import Plan
 from batchprobe.probe import FindMaxResult, ProbeResult
 from batchprobe.search import Outcome
-from batchprobe.units import format_bytes, format_seconds
+from batchprobe.session import PlanRun
+from batchprobe.units import format_bytes, format_count, format_seconds
 
 OUTCOME_STYLE = {
     Outcome.FIT: "green",
@@ -212,3 +218,380 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 def to_json(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=2, default=str) + "\n"
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def _time_unit(values: Sequence[float | None]) -> tuple[str, float]:
+    """A unit for a column of durations: (label, divisor)."""
+    known = [v for v in values if v is not None]
+    top = max(known) if known else 0.0
+    if top < 1:
+        return "ms", 1e-3
+    if top < 120:
+        return "s", 1.0
+    if top < 2 * 3600:
+        return "min", 60.0
+    if top < 3 * 86400:
+        return "h", 3600.0
+    return "days", 86400.0
+
+
+def _byte_unit(values: Sequence[int | None]) -> tuple[str, float]:
+    known = [v for v in values if v is not None]
+    top = max(known) if known else 0
+    return ("GiB", 1024.0**3) if top >= 10 * 1024**3 else ("MiB", 1024.0**2)
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if x == 0:
+        return "0"
+    magnitude = math.floor(math.log10(abs(x)))
+    if magnitude >= digits:
+        return f"{x:,.0f}"
+    return f"{x:.{max(0, digits - 1 - magnitude)}f}"
+
+
+def _lr(x: float | None) -> str:
+    """Compact learning rates: 0.4, 0.0125, 6.0e-4."""
+    if x is None:
+        return "-"
+    if 1e-2 <= x < 100:
+        return f"{x:.3g}"
+    mantissa, exponent = f"{x:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def plan_table(plan: Plan) -> Table:
+    """One row per candidate micro-batch; units in the headers; ★ marks the recommendation."""
+    rows = plan.rows
+    mem_unit, mem_div = _byte_unit([r.peak_bytes for r in rows])
+    step_unit, step_div = _time_unit(
+        [r.fwd_bwd_time_s for r in rows] + [r.optimizer_time_s for r in rows]
+    )
+    run_unit, run_div = _time_unit([r.projected_seconds for r in rows])
+    has_tokens = any(r.tokens_per_s is not None for r in rows)
+    has_mfu = any(r.mfu is not None for r in rows)
+    has_lr = any(r.lr is not None for r in rows)
+    has_run = any(r.projected_seconds is not None for r in rows)
+    table = Table(
+        title="Plan", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0)
+    )
+    columns = [
+        "micro",
+        "accum",
+        "global",
+        f"peak\n{mem_unit}",
+        "%\nlimit",
+        f"fwd+bwd\n{step_unit}",
+        f"optim\n{step_unit}",
+        "samples\n/s",
+    ]
+    if has_tokens:
+        columns.append("tokens\n/s")
+    if has_mfu:
+        columns.append("MFU")
+    if has_lr:
+        columns += ["LR", "warm-up\nsteps"]
+    if has_run:
+        columns.append(f"run\n{run_unit}")
+    for name in columns:
+        table.add_column(name, justify="right", no_wrap=True)
+    chosen = plan.recommended.micro_batch_size if plan.recommended else None
+    for r in rows:
+        mark = "★ " if r.micro_batch_size == chosen else ""
+        cells = [
+            f"{mark}{r.micro_batch_size}",
+            str(r.grad_accum_steps),
+            f"{r.global_batch_size}" + ("" if r.divides_exactly else "*"),
+            _num(r.peak_bytes / mem_div if r.peak_bytes is not None else None),
+            f"{100 * r.peak_fraction:.0f}%" if r.peak_fraction is not None else "-",
+            _num(r.fwd_bwd_time_s / step_div),
+            _num(r.optimizer_time_s / step_div),
+            format_count(r.samples_per_s),
+        ]
+        if has_tokens:
+            cells.append(format_count(r.tokens_per_s))
+        if has_mfu:
+            cells.append(f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-")
+        if has_lr:
+            cells.append(_lr(r.lr))
+            cells.append(str(r.warmup_steps) if r.warmup_steps is not None else r.warmup)
+        if has_run:
+            cells.append(_num(r.projected_seconds / run_div if r.projected_seconds else None))
+        style = (
+            "bold green"
+            if r.micro_batch_size == chosen
+            else ("dim" if not r.within_headroom else "")
+        )
+        table.add_row(*cells, style=style)
+    notes = []
+    if any(not r.within_headroom for r in rows):
+        notes.append(f"dim: peak above the {plan.settings.headroom:.0%} headroom")
+    if any(not r.divides_exactly for r in rows):
+        notes.append(
+            f"*: global batch rounded up from the target {plan.settings.target_global_batch}"
+        )
+    if notes:
+        table.caption = "; ".join(notes)
+        table.caption_justify = "left"
+    return table
+
+
+def recommendation_panel(plan: Plan) -> Panel:
+    r = plan.recommended
+    s = plan.settings
+    if r is None:
+        return Panel(
+            Text("No recommendation: " + plan.reason, style="bold red"),
+            title="Recommendation",
+            title_align="left",
+        )
+    text = Text()
+    text.append("micro-batch ", style="bold")
+    text.append(str(r.micro_batch_size), style="bold green")
+    text.append(f" × {r.grad_accum_steps} accumulation step{'s' if r.grad_accum_steps > 1 else ''}")
+    text.append(f" × {s.world_size} device{'s' if s.world_size > 1 else ''}")
+    text.append(f" = global batch {r.global_batch_size}")
+    if s.tokens_per_sample:
+        text.append(f" ({r.global_batch_size * s.tokens_per_sample:,} tokens)")
+    text.append("\n")
+    if r.lr is not None:
+        assert s.base_lr is not None and s.base_batch_size is not None
+        text.append(f"learning rate {r.lr:.3g}", style="bold")
+        text.append(
+            f" ({s.lr_rule} scaling from {s.base_lr:g} at batch {s.base_batch_size}, ×{r.lr_ratio:g} batch)"
+        )
+        warm = (
+            f"{r.warmup_steps} steps"
+            if r.warmup_steps is not None
+            else "set steps from your run length"
+        )
+        text.append(
+            f"; warm-up {r.warmup}: {warm}\n" if r.warmup != "none" else "; no warm-up needed\n"
+        )
+    text.append(
+        f"peak {format_bytes(r.peak_bytes)}"
+        + (f" ({100 * r.peak_fraction:.0f}% of the limit)" if r.peak_fraction is not None else "")
+        + f", {format_count(r.samples_per_s)} samples/s"
+        + (f", {format_count(r.tokens_per_s)} tokens/s" if r.tokens_per_s else "")
+        + (f", MFU {100 * r.mfu:.1f}%" if r.mfu is not None else "")
+        + "\n"
+    )
+    if r.projected_seconds is not None:
+        text.append(
+            f"projected run: {format_seconds(r.projected_seconds)} for {r.optimizer_steps:,} optimizer "
+            f"steps of {format_seconds(r.update_time_s)}\n",
+            style="bold",
+        )
+    text.append(f"why: {plan.reason}\n", style="dim")
+    text.append("\nHugging Face Trainer\n", style="bold")
+    hf = [
+        f"per_device_train_batch_size={r.micro_batch_size}",
+        f"gradient_accumulation_steps={r.grad_accum_steps}",
+    ]
+    if r.lr is not None:
+        hf.append(f"learning_rate={r.lr:.4g}")
+    if r.warmup_steps:
+        hf.append(f"warmup_steps={r.warmup_steps}")
+    text.append("  TrainingArguments(" + ", ".join(hf) + ", ...)\n")
+    text.append("\nPyTorch loop\n", style="bold")
+    lines = [
+        f"micro_batch_size, grad_accum_steps = {r.micro_batch_size}, {r.grad_accum_steps}",
+    ]
+    torch_class = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}.get(s.optimizer)
+    if r.lr is not None and torch_class:
+        lines.append(f"optimizer = torch.optim.{torch_class}(model.parameters(), lr={r.lr:.4g})")
+    if r.warmup_steps:
+        lines.append(
+            f"scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / {r.warmup_steps}))"
+        )
+    lines += [
+        "for i, (x, y) in enumerate(loader):  # loader yields micro-batches",
+        "    loss = loss_fn(model(x), y) / grad_accum_steps",
+        "    loss.backward()",
+        "    if (i + 1) % grad_accum_steps == 0:",
+        "        optimizer.step()" + ("; scheduler.step()" if r.warmup_steps else ""),
+        "        optimizer.zero_grad(set_to_none=True)",
+    ]
+    text.append("\n".join(f"  {line}" for line in lines))
+    return Panel(text, title="Recommendation", title_align="left", expand=False)
+
+
+def _bar(value: float, top: float, width: int) -> str:
+    if top <= 0:
+        return ""
+    eighths = round(8 * width * value / top)
+    full, part = divmod(eighths, 8)
+    return "█" * full + ("▏▎▍▌▋▊▉"[part - 1] if part else "")
+
+
+def plan_chart(plan: Plan, width: int = 24) -> Table:
+    """Throughput and peak memory against micro-batch, as bars."""
+    rows = plan.rows
+    top_rate = max((r.samples_per_s for r in rows), default=0.0)
+    peaks = [r.peak_bytes or 0 for r in rows]
+    top_peak = max([*peaks, plan.settings.limit_bytes or 0], default=0)
+    table = Table(
+        title="Throughput and memory by micro-batch", title_justify="left", box=None, pad_edge=False
+    )
+    table.add_column("micro", justify="right")
+    table.add_column("samples/s", no_wrap=True)
+    table.add_column("peak memory (│ = headroom)", no_wrap=True)
+    limit = plan.settings.limit_bytes
+    mark = round(width * plan.settings.headroom * limit / top_peak) if limit and top_peak else None
+    for r in rows:
+        rate = (
+            _bar(r.samples_per_s, top_rate, width).ljust(width)
+            + f" {format_count(r.samples_per_s)}"
+        )
+        mem = _bar(r.peak_bytes or 0, top_peak, width).ljust(width)
+        if mark is not None and mark < width:
+            mem = mem[:mark] + "│" + mem[mark + 1 :]
+        table.add_row(
+            str(r.micro_batch_size),
+            Text(rate, style="cyan"),
+            Text(
+                mem + f" {format_bytes(r.peak_bytes)}",
+                style="magenta" if r.within_headroom else "dim",
+            ),
+        )
+    return table
+
+
+PLAN_COLUMNS = (
+    "micro_batch_size", "grad_accum_steps", "global_batch_size", "peak_bytes", "peak_fraction",
+    "fwd_bwd_time_s", "optimizer_time_s", "step_time_s", "update_time_s", "samples_per_s",
+    "tokens_per_s", "mfu", "lr", "warmup", "warmup_steps", "optimizer_steps", "projected_seconds",
+    "within_headroom", "divides_exactly", "timing_spread",
+)  # fmt: skip
+
+
+def plan_json(run: PlanRun, source: str) -> dict[str, Any]:
+    """The plan contract (DESIGN.md), plus the find-max part and provenance."""
+    fm = run.find_max
+    plan = run.plan
+    settings = plan.settings if plan else None
+    rows = [r.to_dict() for r in plan.rows] if plan else []
+    recommended = plan.recommended.to_dict() if plan and plan.recommended else None
+    return {
+        "command": "plan",
+        **device_dict(fm.device),
+        "model": source,
+        "max_batch_size": fm.max_batch_size,
+        "world_size": settings.world_size if settings else None,
+        "target_global_batch_size": settings.target_global_batch if settings else None,
+        "tokens_per_sample": settings.tokens_per_sample if settings else None,
+        "budget_bytes": fm.budget_bytes,
+        "limit_bytes": fm.limit_bytes,
+        "headroom": settings.headroom if settings else None,
+        "headroom_batch_size": run.headroom_batch_size,
+        "lr_scaling": settings.lr_rule if settings else None,
+        "rows": rows,
+        "recommended": recommended,
+        "recommendation_reason": plan.reason if plan else None,
+        "warnings": [*fm.warnings, *run.warnings, *(plan.warnings if plan else ())],
+        "interrupted": run.interrupted,
+        "find_max": find_max_json(fm, source),
+        "provenance": {
+            "peak_bytes": "measured (full training steps)",
+            "fwd_bwd_time_s": "measured (median of timed steps after warm-up)",
+            "optimizer_time_s": "measured",
+            "samples_per_s": "derived from measured step times",
+            "projected_seconds": "estimated: optimizer steps x measured update time",
+            "mfu": "estimated: counted FLOPs / (measured time x datasheet peak)",
+            "lr": "rule of thumb (linear: Goyal et al. 2017; sqrt: Malladi et al. 2022)",
+        },
+    }
+
+
+def plan_csv(plan: Plan) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["recommended", *PLAN_COLUMNS])
+    chosen = plan.recommended.micro_batch_size if plan.recommended else None
+    for r in plan.rows:
+        d = r.to_dict()
+        writer.writerow(
+            [r.micro_batch_size == chosen, *("" if d[c] is None else d[c] for c in PLAN_COLUMNS)]
+        )
+    return buf.getvalue()
+
+
+def plan_markdown(plan: Plan, run: PlanRun, source: str) -> str:
+    fm = run.find_max
+    s = plan.settings
+    lines = [
+        f"## batchprobe plan: {source}",
+        "",
+        f"Device {fm.device.device} ({fm.device.name}), torch {fm.device.torch_version}; max micro-batch "
+        f"**{fm.max_batch_size}**; target global batch {s.target_global_batch} on {s.world_size} device(s).",
+        "",
+        "| micro | accum | global | peak | % limit | fwd+bwd s | optimizer s | samples/s | tokens/s | MFU | LR | warm-up steps | projected |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    chosen = plan.recommended.micro_batch_size if plan.recommended else None
+    for r in plan.rows:
+        star = " ★" if r.micro_batch_size == chosen else ""
+        lines.append(
+            f"| {r.micro_batch_size}{star} | {r.grad_accum_steps} | {r.global_batch_size} | "
+            f"{format_bytes(r.peak_bytes)} | {percent(r.peak_fraction or 0, 1) if r.peak_fraction is not None else '-'} | "
+            f"{r.fwd_bwd_time_s:.4g} | {r.optimizer_time_s:.4g} | {format_count(r.samples_per_s)} | "
+            f"{format_count(r.tokens_per_s)} | {f'{100 * r.mfu:.1f}%' if r.mfu is not None else '-'} | "
+            f"{_lr(r.lr)} | {r.warmup_steps if r.warmup_steps is not None else '-'} | "
+            f"{format_seconds(r.projected_seconds)} |"
+        )
+    if plan.recommended:
+        lines += ["", f"**Recommended:** micro-batch {chosen} — {plan.reason}."]
+    warnings = [*fm.warnings, *run.warnings, *plan.warnings]
+    if warnings:
+        lines += ["", *(f"- ⚠ {w}" for w in warnings)]
+    return "\n".join(lines) + "\n"
+
+
+def plan_plot(plan: Plan, path: str | Path, source: str) -> None:
+    """Throughput and peak memory against micro-batch, as a PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from batchprobe.errors import MissingPackageError
+
+        raise MissingPackageError("matplotlib", "plot", "--plot") from None
+    xs = [r.micro_batch_size for r in plan.rows]
+    fig, ax1 = plt.subplots(figsize=(7, 4), dpi=120)
+    ax1.plot(xs, [r.samples_per_s for r in plan.rows], "o-", color="tab:blue", label="samples/s")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("micro-batch size")
+    ax1.set_ylabel("samples/s", color="tab:blue")
+    ax2 = ax1.twinx()
+    ax2.plot(
+        xs,
+        [(r.peak_bytes or 0) / 1024**2 for r in plan.rows],
+        "s--",
+        color="tab:purple",
+        label="peak MiB",
+    )
+    ax2.set_ylabel("peak memory (MiB)", color="tab:purple")
+    limit = plan.settings.limit_bytes
+    if limit:
+        ax2.axhline(
+            plan.settings.headroom * limit / 1024**2,
+            color="tab:red",
+            lw=0.8,
+            ls=":",
+            label="headroom",
+        )
+    if plan.recommended:
+        ax1.axvline(plan.recommended.micro_batch_size, color="tab:green", lw=1, label="recommended")
+    ax1.set_title(f"batchprobe plan: {source}")
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-from batchprobe.probe import Session, open_session, run_probe
+from batchprobe.probe import run_probe
+from batchprobe.session import Session, open_session
 from batchprobe.spec import load_spec
 from batchprobe.units import MemorySize
 

@@ -204,7 +204,8 @@ def test_real_host_allocator_failure_is_an_oom(tmp_path) -> None:
     script = textwrap.dedent(
         """
         import resource, json
-        from batchprobe.probe import open_session, run_probe
+        from batchprobe.probe import run_probe
+        from batchprobe.session import open_session
         from batchprobe.spec import load_spec
         from batchprobe.units import MemorySize
         s = open_session(load_spec(text="model: {source: zoo:mlp, kwargs: {in_features: 4096, hidden: 4096, depth: 1}}\\nprobe: {device: cpu}"))

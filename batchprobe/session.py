@@ -1,0 +1,312 @@
+"""A spec turned into a device, a model and a training step — and the flows the commands run.
+
+`open_session(spec)` picks the backend, applies the budget and builds the model on the device.
+`Session.find_max()` and `Session.plan()` are what `find-max` and `plan` do; they report progress
+through callbacks and stop cleanly on Ctrl-C with what they have.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from batchprobe.backends import Backend, get_backend
+from batchprobe.build import Workload, build_workload, quiet_warnings
+from batchprobe.gpus import match_device_name
+from batchprobe.planning import Measurement, Plan, PlanSettings, make_plan, resolve_lr_rule
+from batchprobe.probe import (
+    FindMaxResult,
+    ProbeCallback,
+    ProbeResult,
+    classify,
+    find_max,
+    run_probe,
+)
+from batchprobe.search import Outcome
+from batchprobe.spec import Spec
+from batchprobe.step import TrainStep
+from batchprobe.timing import StepTiming, flops_per_sample, time_steps
+from batchprobe.units import MemorySize
+
+
+@dataclass
+class PlanProgress:
+    """Callbacks for a plan's progress (all optional)."""
+
+    on_probe_start: Callable[[int], None] | None = None
+    on_probe: ProbeCallback | None = None
+    on_phase: Callable[[str], None] | None = None
+    on_candidate: Callable[[int, int, int], None] | None = None  # batch, index, count
+    on_timing: Callable[[int, StepTiming], None] | None = None
+
+
+@dataclass
+class PlanRun:
+    find_max: FindMaxResult
+    plan: Plan | None
+    timings: dict[int, StepTiming] = field(default_factory=dict)
+    peaks: dict[int, ProbeResult] = field(default_factory=dict)
+    flops_per_sample: float | None = None
+    flops_fixed: float = 0.0
+    headroom_batch_size: int | None = None
+    interrupted: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Session:
+    spec: Spec
+    backend: Backend
+    workload: Workload
+    step: TrainStep
+
+    @property
+    def limit_bytes(self) -> int | None:
+        """What a probe may use: the budget, else the free memory at start."""
+        return self.backend.budget_bytes or self.backend.free_bytes_at_start
+
+    # -- find-max ---------------------------------------------------------------------------
+    def find_max(
+        self,
+        on_start: Callable[[int], None] | None = None,
+        on_probe: ProbeCallback | None = None,
+    ) -> FindMaxResult:
+        p = self.spec.probe
+        return find_max(
+            self.step,
+            self.backend,
+            start=p.start,
+            cap=p.max_batch_size,
+            strategy=p.strategy,
+            steps=p.steps,
+            on_start=on_start,
+            on_probe=on_probe,
+        )
+
+    # -- plan -------------------------------------------------------------------------------
+    def plan(self, progress: PlanProgress | None = None) -> PlanRun:
+        progress = progress or PlanProgress()
+        self._check_plan_inputs()
+        fm = self.find_max(on_start=progress.on_probe_start, on_probe=progress.on_probe)
+        run = PlanRun(find_max=fm, plan=None)
+        if fm.max_batch_size is None or fm.interrupted or fm.error is not None:
+            run.interrupted = fm.interrupted
+            return run
+        try:
+            self._measure(run, progress)
+        except KeyboardInterrupt:
+            run.interrupted = True
+        run.plan = make_plan(self._measurements(run), self.plan_settings(run))
+        world = self.world_size()
+        if world > 1 and int(os.environ.get("WORLD_SIZE", "1") or 1) != world:
+            run.warnings.append(
+                f"projected for {world} ranks from one device's timings: the gradient all-reduce "
+                "is not in the figures (run under torchrun to measure it)"
+            )
+        return run
+
+    def _check_plan_inputs(self) -> None:
+        """Fail before any probe when the plan cannot be made from this spec."""
+        if self.workload.inputs.tokens_per_sample is None:
+            for key in ("global_tokens", "total_tokens"):
+                if getattr(self.spec.plan, key) is not None:
+                    raise _token_error(f"plan.{key}")
+
+    def _measure(self, run: PlanRun, progress: PlanProgress) -> None:
+        fm = run.find_max
+        assert fm.max_batch_size is not None
+        for p in fm.probes:
+            if p.outcome is Outcome.FIT:
+                run.peaks[p.batch_size] = p
+        if progress.on_phase:
+            progress.on_phase("headroom")
+        run.headroom_batch_size = self._headroom_size(run, progress)
+        candidates = self.candidates(fm.max_batch_size, run.headroom_batch_size)
+        if self.spec.plan.peak_tflops is not None or self._device_peak_flops() is not None:
+            if progress.on_phase:
+                progress.on_phase("flops")
+            run.flops_fixed, run.flops_per_sample = flops_per_sample(self.step)
+        for i, b in enumerate(candidates, 1):
+            if progress.on_candidate:
+                progress.on_candidate(b, i, len(candidates))
+            if b not in run.peaks:
+                probe = run_probe(self.step, self.backend, b, self.spec.probe.steps)
+                if probe.outcome is not Outcome.FIT:
+                    run.warnings.append(
+                        f"micro-batch {b} did not fit when measured again ({probe.outcome}); "
+                        "skipped"
+                    )
+                    continue
+                run.peaks[b] = probe
+            timing = self._time(run, b)
+            if timing is None:
+                continue
+            run.timings[b] = timing
+            if progress.on_timing:
+                progress.on_timing(b, timing)
+
+    def _time(self, run: PlanRun, b: int) -> StepTiming | None:
+        failure = None
+        try:
+            return time_steps(self.step, self.backend, b, min_time_s=self.spec.plan.min_time_s)
+        except Exception as exc:
+            failure = classify(exc)
+        if failure.outcome is Outcome.ERROR:
+            raise RuntimeError(f"timing micro-batch {b} failed: {failure.message}")
+        run.warnings.append(
+            f"micro-batch {b} fit when probed but hit {failure.outcome} while timed "
+            f"({failure.message}); skipped"
+        )
+        return None
+
+    def _headroom_size(self, run: PlanRun, progress: PlanProgress) -> int | None:
+        """Largest tested size whose peak stays within plan.headroom of the limit."""
+        limit = self.limit_bytes
+        fm = run.find_max
+        assert fm.max_batch_size is not None
+        if not limit:
+            return None
+        cap = int(self.spec.plan.headroom * limit)
+        inside = [
+            b for b, p in run.peaks.items() if p.peak_bytes is not None and p.peak_bytes <= cap
+        ]
+        if not inside:
+            return None
+        lo = max(inside)
+        if lo == fm.max_batch_size:
+            return lo
+        # The same search, against a budget of headroom x limit, starting from what is known.
+        saved = self.backend.budget_bytes, self.backend.budget_is_default
+        self.backend.set_budget(MemorySize(bytes=cap))
+        try:
+            inner = find_max(
+                self.step,
+                self.backend,
+                start=lo,
+                cap=fm.max_batch_size,
+                strategy=self.spec.probe.strategy,
+                steps=self.spec.probe.steps,
+                on_start=progress.on_probe_start,
+                on_probe=progress.on_probe,
+                known={b: p.peak_bytes for b, p in run.peaks.items() if p.peak_bytes is not None},
+            )
+        finally:
+            self._restore_budget(*saved)
+        for p in inner.probes:
+            if p.outcome is Outcome.FIT and not p.reused:
+                run.peaks.setdefault(p.batch_size, p)
+        if inner.interrupted:
+            raise KeyboardInterrupt
+        return inner.max_batch_size
+
+    def _restore_budget(self, budget: int | None, is_default: bool) -> None:
+        self.backend.set_budget(None if is_default or budget is None else MemorySize(bytes=budget))
+
+    def candidates(self, max_batch: int, headroom_batch: int | None) -> list[int]:
+        """plan.candidates if given (capped at max), else powers of two up to the max, the max,
+        and the headroom size."""
+        if self.spec.plan.candidates:
+            return sorted({b for b in self.spec.plan.candidates if b <= max_batch})
+        sizes = {2**k for k in range(int(math.log2(max_batch)) + 1)}
+        sizes.add(max_batch)
+        if headroom_batch:
+            sizes.add(headroom_batch)
+        return sorted(sizes)
+
+    def _device_peak_flops(self) -> float | None:
+        if self.spec.plan.peak_tflops is not None:
+            return self.spec.plan.peak_tflops * 1e12
+        if self.backend.device.type != "cuda":
+            return None
+        gpu = match_device_name(self.backend.info().name)
+        return gpu.peak_flops(self.spec.train.precision) if gpu else None
+
+    def _measurements(self, run: PlanRun) -> list[Measurement]:
+        out = []
+        for b, t in sorted(run.timings.items()):
+            probe = run.peaks.get(b)
+            flops = None
+            if run.flops_per_sample is not None:
+                flops = run.flops_fixed + run.flops_per_sample * b
+            out.append(
+                Measurement(
+                    micro_batch_size=b,
+                    peak_bytes=probe.peak_bytes if probe else None,
+                    fwd_bwd_s=t.fwd_bwd_s,
+                    optimizer_s=t.optimizer_s,
+                    spread=t.spread,
+                    flops=flops,
+                )
+            )
+        return out
+
+    def world_size(self) -> int:
+        if self.spec.plan.num_gpus is not None:
+            return self.spec.plan.num_gpus
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+    def plan_settings(self, run: PlanRun) -> PlanSettings:
+        spec, plan = self.spec, self.spec.plan
+        tokens = self.workload.inputs.tokens_per_sample
+        world = self.world_size()
+        note = None
+        if plan.global_batch_size is not None:
+            target = plan.global_batch_size
+        elif plan.global_tokens is not None:
+            assert tokens is not None  # checked before probing
+            target = math.ceil(plan.global_tokens / tokens)
+            if target * tokens != plan.global_tokens:
+                note = (
+                    f"plan.global_tokens {plan.global_tokens} is not a multiple of seq_len "
+                    f"{tokens}: targeting {target} sequences ({target * tokens} tokens)"
+                )
+        elif plan.base_batch_size is not None:
+            target = plan.base_batch_size
+            note = f"no plan.global_batch_size: targeting the base batch {target}"
+        else:
+            assert run.find_max.max_batch_size is not None
+            target = run.find_max.max_batch_size * world
+            note = (
+                f"no plan.global_batch_size or plan.global_tokens: targeting {target} "
+                "(the max micro-batch on every rank, no accumulation)"
+            )
+        total = None
+        if plan.dataset_size is not None:
+            total = plan.dataset_size * plan.epochs
+        elif plan.total_tokens is not None:
+            assert tokens is not None  # checked before probing
+            total = plan.total_tokens / tokens
+        return PlanSettings(
+            target_global_batch=target,
+            world_size=world,
+            tokens_per_sample=tokens,
+            limit_bytes=self.limit_bytes,
+            capacity_bytes=self.backend.capacity_bytes,
+            headroom=plan.headroom,
+            base_lr=plan.base_lr,
+            base_batch_size=plan.base_batch_size,
+            lr_rule=resolve_lr_rule(plan.lr_scaling, spec.train.optimizer.name),
+            optimizer=spec.train.optimizer.name,
+            total_samples=total,
+            epoch_samples=plan.dataset_size,
+            peak_flops=self._device_peak_flops(),
+            has_batchnorm=self.workload.has_batchnorm,
+            target_note=note,
+        )
+
+
+def _token_error(key: str) -> Exception:
+    from batchprobe.errors import Problem, SpecError
+
+    return SpecError([Problem(key, "needs token inputs (inputs.kind: tokens with seq_len)")])
+
+
+def open_session(spec: Spec) -> Session:
+    """Pick the device, set the budget, build the model on it."""
+    backend = get_backend(spec.probe.device)
+    backend.set_budget(spec.probe.memory_budget)
+    with quiet_warnings():
+        workload = build_workload(spec, backend.device)
+    return Session(spec, backend, workload, TrainStep(workload, spec.train, backend.device))

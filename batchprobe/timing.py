@@ -1,0 +1,135 @@
+"""Warm-up, then timed training steps, forward+backward apart from the optimizer step.
+
+Timing runs without the CPU memory tracker (a Python dispatch mode slows every op) and with the
+device synchronized through the backend's marks (CUDA events on GPU). Warm-up runs at least
+`min_warmup` steps and continues while step time is still falling, so compilation, cuDNN autotune
+and allocator growth stay out of the figures. Splitting fwd+bwd from the optimizer lets a plan
+project an update with accumulation exactly: `accum * t_fwd_bwd + t_optimizer`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from batchprobe.backends import Backend
+from batchprobe.step import TrainStep
+
+UNSTABLE_SPREAD = 0.10  # relative interquartile range above which a figure is flagged
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    batch_size: int
+    fwd_bwd_s: float  # median over timed steps
+    optimizer_s: float  # median; optimizer.step + zero_grad (+ scaler)
+    step_s: float  # median of fwd_bwd + optimizer per step
+    spread: float  # (q75 - q25) / median of the step times
+    warmup_steps: int
+    timed_steps: int
+
+    @property
+    def unstable(self) -> bool:
+        return self.spread > UNSTABLE_SPREAD
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "batch_size": self.batch_size,
+            "fwd_bwd_time_s": self.fwd_bwd_s,
+            "optimizer_time_s": self.optimizer_s,
+            "step_time_s": self.step_s,
+            "spread": round(self.spread, 4),
+            "warmup_steps": self.warmup_steps,
+            "timed_steps": self.timed_steps,
+        }
+
+
+def relative_spread(values: Sequence[float]) -> float:
+    if len(values) < 4:
+        return (max(values) - min(values)) / statistics.median(values) if values else 0.0
+    q = statistics.quantiles(values, n=4)
+    median = statistics.median(values)
+    return (q[2] - q[0]) / median if median > 0 else 0.0
+
+
+def time_steps(
+    step: TrainStep,
+    backend: Backend,
+    batch_size: int,
+    *,
+    min_time_s: float = 1.0,
+    min_steps: int = 5,
+    max_steps: int = 100,
+    min_warmup: int = 3,
+    max_warmup: int = 20,
+    on_step: Callable[[str, int], None] | None = None,
+) -> StepTiming:
+    """Time full training steps at `batch_size`. Raises what the step raises (e.g. an OOM)."""
+    step.begin()
+    try:
+        batch = step.make_batch(batch_size)
+        # -- warm-up: at least min_warmup, longer while the step time is still falling
+        times: list[float] = []
+        while len(times) < max_warmup:
+            start = backend.mark()
+            step.train_step(batch)
+            end = backend.mark()
+            times.append(backend.elapsed_s(start, end))
+            if on_step is not None:
+                on_step("warm-up", len(times))
+            if len(times) >= min_warmup and times[-1] >= 0.97 * min(times[:-1]):
+                break
+        warmup = len(times)
+        # -- timed steps
+        marks: list[tuple[Any, Any, Any]] = []
+        started = time.perf_counter()
+        while len(marks) < max_steps:
+            m0 = backend.mark()
+            step.forward_backward(batch)
+            m1 = backend.mark()
+            step.optimizer_step()
+            m2 = backend.mark()
+            marks.append((m0, m1, m2))
+            if on_step is not None:
+                on_step("timed", len(marks))
+            if len(marks) >= min_steps and time.perf_counter() - started >= min_time_s:
+                break
+        backend.synchronize()
+        fwd_bwd = [backend.elapsed_s(a, b) for a, b, _ in marks]
+        optim = [backend.elapsed_s(b, c) for _, b, c in marks]
+        totals = [f + o for f, o in zip(fwd_bwd, optim, strict=True)]
+        return StepTiming(
+            batch_size=batch_size,
+            fwd_bwd_s=statistics.median(fwd_bwd),
+            optimizer_s=statistics.median(optim),
+            step_s=statistics.median(totals),
+            spread=relative_spread(totals),
+            warmup_steps=warmup,
+            timed_steps=len(marks),
+        )
+    finally:
+        step.end()
+
+
+def count_flops(step: TrainStep, batch_size: int) -> int:
+    """FLOPs of one forward+backward at `batch_size` (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step.begin()
+    try:
+        batch = step.make_batch(batch_size)
+        with FlopCounterMode(display=False) as counter:
+            step.forward_backward(batch)
+        return int(counter.get_total_flops())
+    finally:
+        step.end()
+
+
+def flops_per_sample(step: TrainStep) -> tuple[float, float]:
+    """(fixed, per-sample) FLOPs of forward+backward, from counts at batch 1 and 2."""
+    one, two = count_flops(step, 1), count_flops(step, 2)
+    per_sample = float(two - one)
+    return float(one) - per_sample, per_sample

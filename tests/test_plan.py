@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from batchprobe.cli import app
+from batchprobe.planning import Measurement, PlanSettings, make_plan
+from batchprobe.report import plan_chart, plan_table, recommendation_panel
+
+ROOT = Path(__file__).parent.parent
+CONTRACT_ROW = {
+    "micro_batch_size", "grad_accum_steps", "global_batch_size", "peak_bytes", "fwd_bwd_time_s",
+    "optimizer_time_s", "step_time_s", "samples_per_s", "tokens_per_s", "mfu", "lr", "warmup_steps",
+    "projected_seconds",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("plan")
+    result = CliRunner().invoke(
+        app,
+        [
+            "plan", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--device", "cpu", "--json",
+            "--csv", str(out / "plan.csv"), "--markdown", str(out / "plan.md"),
+            "--plot", str(out / "plan.png"),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    return {"data": json.loads(result.stdout), "stderr": result.stderr, "dir": out}
+
+
+def test_plan_json_contract(quickstart) -> None:
+    data = quickstart["data"]
+    assert data["command"] == "plan"
+    for key in (
+        "max_batch_size",
+        "world_size",
+        "target_global_batch_size",
+        "rows",
+        "recommended",
+        "warnings",
+    ):
+        assert key in data
+    assert data["rows"]
+    for row in data["rows"]:
+        assert set(row) >= CONTRACT_ROW
+    assert data["recommended"]["micro_batch_size"] in {r["micro_batch_size"] for r in data["rows"]}
+
+
+def test_plan_numbers_are_consistent(quickstart) -> None:
+    data = quickstart["data"]
+    target, world = data["target_global_batch_size"], data["world_size"]
+    assert target == 65536 // 64  # global_tokens / seq_len
+    total_samples = 100_000_000 / 64
+    for row in data["rows"]:
+        micro, accum = row["micro_batch_size"], row["grad_accum_steps"]
+        assert accum * micro * world == row["global_batch_size"] >= target
+        assert (accum - 1) * micro * world < target
+        assert row["lr"] == pytest.approx(3e-4 * math.sqrt(row["global_batch_size"] / 256))
+        assert row["optimizer_steps"] == math.ceil(total_samples / row["global_batch_size"])
+        update = accum * row["fwd_bwd_time_s"] + row["optimizer_time_s"]
+        assert row["projected_seconds"] == pytest.approx(row["optimizer_steps"] * update)
+        assert row["tokens_per_s"] == pytest.approx(row["samples_per_s"] * 64)
+        assert row["peak_bytes"] <= data["budget_bytes"]
+
+
+def test_candidates_cover_powers_of_two_the_max_and_the_headroom_size(quickstart) -> None:
+    data = quickstart["data"]
+    best = data["max_batch_size"]
+    sizes = [r["micro_batch_size"] for r in data["rows"]]
+    powers = [2**k for k in range(int(math.log2(best)) + 1)]
+    assert set(powers) | {best, data["headroom_batch_size"]} == set(sizes)
+    rows = {r["micro_batch_size"]: r for r in data["rows"]}
+    headroom = data["headroom_batch_size"]
+    assert rows[headroom]["peak_bytes"] <= data["headroom"] * data["limit_bytes"]
+    recommended = data["recommended"]
+    assert recommended["within_headroom"]
+    fastest = min(
+        (r for r in data["rows"] if r["within_headroom"]), key=lambda r: r["projected_seconds"]
+    )
+    assert recommended["projected_seconds"] <= fastest["projected_seconds"] * 1.03 + 1e-9
+
+
+def test_plan_files(quickstart) -> None:
+    out: Path = quickstart["dir"]
+    rows = list(csv.DictReader(io.StringIO((out / "plan.csv").read_text())))
+    assert len(rows) == len(quickstart["data"]["rows"])
+    assert sum(r["recommended"] == "True" for r in rows) == 1
+    markdown = (out / "plan.md").read_text()
+    assert "| micro |" in markdown and "★" in markdown
+    assert (out / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_is_visible(quickstart) -> None:
+    assert "timing micro-batch" in quickstart["stderr"]
+    assert "Recommendation" in quickstart["stderr"]  # human output on stderr under --json
+
+
+def _sample_plan():
+    ms = [
+        Measurement(b, 3_000_000 * b + 10**7, 0.003 * b + 0.01, 0.002, 0.01, 2e9 * b)
+        for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 1000)
+    ]
+    settings = PlanSettings(
+        target_global_batch=4096, tokens_per_sample=1024, limit_bytes=3_200_000_000, base_lr=3e-4,
+        base_batch_size=256, lr_rule="sqrt", total_samples=1e8, peak_flops=312e12, world_size=8,
+    )  # fmt: skip
+    return make_plan(ms, settings)
+
+
+def test_human_output_fits_100_columns_without_truncation() -> None:
+    plan = _sample_plan()
+    console = Console(width=100, record=True, color_system=None)
+    for renderable in (plan_table(plan), plan_chart(plan), recommendation_panel(plan)):
+        console.print(renderable)
+    text = console.export_text()
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "★" in text and "TrainingArguments(per_device_train_batch_size=" in text
+
+
+def test_plan_on_a_classifier_without_tokens_or_lr(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["plan", "--model", "zoo:cnn", "--device", "cpu", "--memory-budget", "64MiB",
+         "--global-batch-size", "256", "--dataset-size", "50000", "--json",
+         "--set", "plan.min_time_s=0.1", "--set", "plan.candidates=[8, 32]"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [r["micro_batch_size"] for r in data["rows"]] == [8, 32]
+    assert all(r["tokens_per_s"] is None and r["lr"] is None for r in data["rows"])
+    assert (
+        any("BatchNorm" in w for w in data["warnings"])
+        or data["recommended"]["micro_batch_size"] >= 16
+    )
+
+
+def test_plan_global_tokens_needs_token_inputs() -> None:
+    result = CliRunner().invoke(
+        app, ["plan", "--model", "zoo:mlp", "--device", "cpu", "--global-tokens", "4096"]
+    )
+    assert result.exit_code == 2
+    assert "plan.global_tokens: needs token inputs" in result.stderr
