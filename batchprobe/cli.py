@@ -290,7 +290,7 @@ def find_max_cmd(
 
 
 def _run_find_max(out: Out, session: Any) -> Any:
-    from batchprobe.report import probe_table
+    from batchprobe.report import probe_line, probe_table
 
     limit = session.backend.budget_bytes or session.backend.free_bytes_at_start
     done: list[Any] = []
@@ -310,15 +310,7 @@ def _run_find_max(out: Out, session: Any) -> Any:
 
     def on_probe_line(p: Any) -> None:
         done.append(p)
-        peak = p.peak_bytes
-        from batchprobe.units import format_bytes, format_seconds
-
-        note = f"  {p.failure.kind}: {p.failure.message}" if p.failure else ""
-        console.print(
-            f"probe {len(done):>2}  batch {p.batch_size:>7}  {p.outcome.value:<5}  "
-            f"peak {format_bytes(peak):>10}  {format_seconds(p.seconds):>8}{note}",
-            markup=False,
-        )
+        console.print(probe_line(len(done), p), markup=False, soft_wrap=True)
 
     return session.find_max(on_probe=on_probe_line)
 
@@ -485,7 +477,7 @@ def plan_cmd(
 def _run_plan(out: Out, session: Any) -> Any:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from batchprobe.report import probe_table
+    from batchprobe.report import probe_line, probe_table
     from batchprobe.session import PlanProgress
     from batchprobe.units import format_count, format_seconds
 
@@ -505,7 +497,7 @@ def _run_plan(out: Out, session: Any) -> Any:
         if live is not None:
             live.update(probe_table(done, limit))
         else:
-            console.print(f"probe batch {p.batch_size}: {p.outcome.value}", markup=False)
+            console.print(probe_line(len(done), p), markup=False, soft_wrap=True)
 
     def on_phase(name: str) -> None:
         nonlocal live

@@ -83,6 +83,17 @@ def probe_table(
     return table
 
 
+def probe_line(index: int, p: ProbeResult) -> str:
+    """One probe as a log line, for terminals without live display (CI logs)."""
+    note = f"  {p.failure.kind}: {p.failure.message}" if p.failure else ""
+    if p.reused:
+        note += "  (from an earlier probe's peak)"
+    return (
+        f"probe {index:>2}  batch {p.batch_size:>7}  {p.outcome.value:<5}  "
+        f"peak {format_bytes(p.peak_bytes):>10}  {format_seconds(p.seconds):>8}{note}"
+    )
+
+
 def limit_label(result: FindMaxResult) -> str:
     if result.budget_bytes is not None:
         return "budget"
