@@ -605,6 +605,95 @@ def _finish_plan(
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
+# ----------------------------------------------------------------------------- estimate
+
+
+@app.command("estimate")
+def estimate_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: ModelOpt = None,
+    gpu: Annotated[
+        str | None,
+        typer.Option(
+            help="Target GPU from the table: h100-80gb, a100-40gb, l4, rtx-4090, ...  [spec: estimate.gpu]",
+            show_default=False,
+        ),
+    ] = None,
+    capacity: Annotated[
+        str | None,
+        typer.Option(
+            help="Target capacity, e.g. 80GiB (a GPU)  [spec: estimate.capacity]",
+            show_default=False,
+        ),
+    ] = None,
+    fragmentation: Annotated[
+        float | None,
+        typer.Option(
+            help="GPU allowance on the peak, default 0.05  [spec: estimate.fragmentation]",
+            show_default=False,
+        ),
+    ] = None,
+    context: Annotated[
+        str | None,
+        typer.Option(
+            "--context",
+            help="GPU fixed allowance (CUDA context, workspaces), default 512MiB  [spec: estimate.context_bytes]",
+            show_default=False,
+        ),
+    ] = None,
+    device: DeviceOpt = None,
+    memory_budget: BudgetOpt = None,
+    precision: PrecisionOpt = None,
+    optimizer: OptimizerOpt = None,
+    json_: JsonOpt = False,
+    output: OutputOpt = None,
+) -> None:
+    """Memory of full training steps traced with fake tensors (no compute, no device memory), its breakdown, and the largest batch that fits a GPU of a given capacity.
+
+    Without --gpu/--capacity the target is the configured device (on CPU: its budget, and the estimate equals what find-max measures). Where the model cannot be traced, says which op and falls back to real probes.
+    """
+    out = Out(json_)
+    with _handled(out, "estimate"):
+        flags = _flag_values(
+            model=model,
+            device=device,
+            memory_budget=memory_budget,
+            precision=precision,
+            optimizer=optimizer,
+        )
+        extra = {
+            "estimate.gpu": gpu,
+            "estimate.capacity": capacity,
+            "estimate.fragmentation": fragmentation,
+            "estimate.context_bytes": context,
+        }
+        flags.update({k: v for k, v in extra.items() if v is not None})
+        spec = _load_spec(config, set_, flags)
+        from batchprobe.report import estimate_json, estimate_summary, estimate_table, to_json
+        from batchprobe.session import run_estimate
+        from batchprobe.units import format_bytes
+
+        def on_point(p: Any) -> None:
+            out.err.print(
+                f"traced batch {p.batch_size:>6}: peak {format_bytes(p.peak_bytes)}", markup=False
+            )
+
+        run = run_estimate(spec, on_point=on_point)
+        source = spec.model.source
+        text = to_json(estimate_json(run, source))
+        _write_output(out, output, text)
+        if out.json_mode:
+            out.emit_json(text)
+        if run.result is not None:
+            out.human.print(estimate_table(run))
+        out.human.print(estimate_summary(run, source))
+        if run.fallback is not None:
+            _finish_find_max_exit(out, run.fallback)
+        elif run.result is not None and run.result.max_batch_size is None:
+            raise typer.Exit(EXIT_NOTHING_FITS)
+
+
 # ----------------------------------------------------------------------------- env
 
 

@@ -69,6 +69,7 @@ class StorageLedger:
     live_bytes: int = 0
     peak_bytes: int = 0
     current_phase: str = "other"
+    phase_peaks: dict[str, int] = field(default_factory=dict)  # peak live bytes within each phase
     _live: dict[int, _Record] = field(default_factory=dict)
     _peak_pending: bool = False
     _peak_records: list[_Record] = field(default_factory=list)
@@ -96,6 +97,9 @@ class StorageLedger:
         self._after_growth(nbytes, enforce)
 
     def _after_growth(self, nbytes: int, enforce: bool) -> None:
+        phase = self.current_phase
+        if self.live_bytes > self.phase_peaks.get(phase, 0):
+            self.phase_peaks[phase] = self.live_bytes
         if self.live_bytes > self.peak_bytes:
             self.peak_bytes = self.live_bytes
             self._peak_pending = True
@@ -120,6 +124,8 @@ class StorageLedger:
     def phase(self, name: str) -> None:
         """Storages created from now on count as this phase's (forward: activations)."""
         self.current_phase = name
+        if self.live_bytes > self.phase_peaks.get(name, 0):
+            self.phase_peaks[name] = self.live_bytes
 
     def mark(self, tensors: Iterable[torch.Tensor], tag: str) -> None:
         """Register tensors created outside the ledger's view, or re-categorise known ones.

@@ -119,9 +119,12 @@ class ProbeResult:
     alloc_retries: int = 0
     failure: Failure | None = None
     reused: bool = False  # answered from an earlier probe's measured peak, not run again
+    line_bytes: int | None = None  # peak of forward/backward alone (grows with the batch)
 
     def observation(self) -> Observation:
-        return Observation(self.outcome, self.peak_bytes if self.outcome is Outcome.FIT else None)
+        if self.outcome is not Outcome.FIT:
+            return Observation(self.outcome)
+        return Observation(self.outcome, self.peak_bytes, self.line_bytes)
 
     def to_dict(self) -> dict[str, object]:
         d: dict[str, object] = {
@@ -198,6 +201,7 @@ def run_probe(step: TrainStep, backend: Backend, batch_size: int, steps: int = 2
         retained_bytes=retained,
         alloc_retries=meter.alloc_retries,
         failure=failure,
+        line_bytes=meter.line_bytes,
     )
 
 
@@ -211,6 +215,7 @@ class FindMaxResult:
     strategy: str
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    guess: int | None = None  # the estimate the search started from (strategy estimate)
 
     @property
     def max_batch_size(self) -> int | None:
@@ -251,6 +256,7 @@ def find_max(
     on_probe: ProbeCallback | None = None,
     prober: Callable[[int], ProbeResult] | None = None,
     known: Mapping[int, int] | None = None,
+    guess: int | None = None,
 ) -> FindMaxResult:
     """Drive a search strategy with real probes. Ctrl-C ends it with the probes made so far.
 
@@ -259,7 +265,7 @@ def find_max(
     """
     limit = backend.budget_bytes or backend.free_bytes_at_start
     name = strategy if strategy != "auto" else ("predict" if limit else "doubling")
-    gen = make_strategy(name, start, cap, limit)
+    gen = make_strategy(name, start, cap, limit, guess)
     run = prober or (lambda b: run_probe(step, backend, b, steps))
     probes: list[ProbeResult] = []
     warnings: list[str] = []

@@ -25,7 +25,7 @@ from batchprobe.backends import DeviceInfo
 from batchprobe.planning import Plan
 from batchprobe.probe import FindMaxResult, ProbeResult
 from batchprobe.search import Outcome
-from batchprobe.session import PlanRun
+from batchprobe.session import EstimateRun, PlanRun
 from batchprobe.units import format_bytes, format_count, format_seconds
 
 OUTCOME_STYLE = {
@@ -142,8 +142,10 @@ def find_max_summary(result: FindMaxResult, source: str) -> Panel:
         f"memory measured: {info.details.get('memory', 'allocator')}\n",
         style="dim",
     )
+    started = f", from the fake-tensor estimate {result.guess}" if result.guess is not None else ""
     lines.append(
-        f"{len(result.probes)} probes ({result.strategy} search) in {format_seconds(result.seconds)}",
+        f"{len(result.probes)} probes ({result.strategy} search{started}) in "
+        f"{format_seconds(result.seconds)}",
         style="dim",
     )
     if result.interrupted:
@@ -179,6 +181,7 @@ def find_max_json(result: FindMaxResult, source: str) -> dict[str, Any]:
         "probes": [p.to_dict() for p in result.probes],
         "seconds": round(result.seconds, 4),
         "strategy": result.strategy,
+        "estimated_max_batch_size": result.guess,
         "model": source,
         "provenance": "measured",
         "interrupted": result.interrupted,
@@ -606,3 +609,141 @@ def plan_plot(plan: Plan, path: str | Path, source: str) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- estimate
+
+
+def estimate_table(run: EstimateRun) -> Table:
+    """Traced peak and its breakdown at every traced batch size."""
+    result = run.result
+    assert result is not None
+    points = result.points
+    unit, div = _byte_unit([p.device_bytes for p in points])
+    table = Table(
+        title=f"Traced training steps (fake tensors), {unit}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 1),
+    )
+    for name in ("batch", "param", "grad", "optim", "activ", "other", "peak", "device", "% cap"):
+        table.add_column(name, justify="right", no_wrap=True)
+    best = result.max_batch_size
+    for p in points:
+        b = p.breakdown
+        style = (
+            "bold green"
+            if p.batch_size == best
+            else ("dim" if p.device_bytes > result.usable_bytes else "")
+        )
+        table.add_row(
+            ("★ " if p.batch_size == best else "") + str(p.batch_size),
+            _num(b.parameters / div),
+            _num(b.gradients / div),
+            _num(b.optimizer_state / div),
+            _num(b.activations / div),
+            _num(b.other / div),
+            _num(p.peak_bytes / div),
+            _num(p.device_bytes / div),
+            f"{100 * (p.device_bytes + result.allowance.context_bytes) / result.capacity_bytes:.0f}%",
+            style=style,
+        )
+    table.caption = (
+        "live at the peak: parameters, gradients, optimizer state, activations, other; "
+        "device: the peak with the allowance; % cap: of capacity, fixed allowance included"
+    )
+    table.caption_justify = "left"
+    return table
+
+
+def estimate_summary(run: EstimateRun, source: str) -> Panel:
+    text = Text()
+    result = run.result
+    if result is None:
+        err = run.trace_error
+        text.append("Could not trace the model with fake tensors", style="bold yellow")
+        text.append(f" (op: {err.op})" if err is not None and err.op else "")
+        text.append(f"\n{err}\n" if err is not None else "\n", style="dim")
+        fm = run.fallback
+        if fm is not None:
+            text.append("Fell back to real probes on ", style="bold")
+            text.append(f"{fm.device.device} ({fm.device.name}): max micro-batch ")
+            text.append(f"{fm.max_batch_size}", style="bold green")
+            text.append(" (measured)\n")
+        return Panel(text, title="estimate", title_align="left", expand=False)
+    best = result.max_batch_size
+    text.append(f"Target: {run.target}, capacity {format_bytes(result.capacity_bytes)}\n")
+    text.append("Estimated max micro-batch: ", style="bold")
+    if best is None:
+        text.append("none — batch 1 does not fit", style="bold red")
+    else:
+        text.append(str(best), style="bold green")
+        if result.search.capped:
+            text.append(f" (cap reached: probe.max_batch_size = {best})", style="yellow")
+        elif result.search.exact:
+            text.append(f"  (traced: {best} fits, {best + 1} does not)", style="dim")
+    text.append("\n")
+    text.append(f"Allowance for what the trace cannot see: {result.allowance.describe()}\n")
+    if result.allowance.context_bytes or result.allowance.fragmentation:
+        text.append(
+            "The trace counts every tensor PyTorch allocates. A real GPU also holds the CUDA "
+            "context and library workspaces (cuBLAS, cuDNN, NCCL), rounds blocks and fragments: "
+            "tune estimate.fragmentation / estimate.context_bytes, and confirm with find-max on "
+            "the card.\n",
+            style="dim",
+        )
+    text.append(
+        f"Model: {source}, {result.num_parameters / 1e6:,.1f}M parameters; {len(result.points)} traces "
+        f"in {format_seconds(result.seconds)}; provenance: estimated (fake-tensor trace, no compute)",
+        style="dim",
+    )
+    return Panel(text, title="estimate", title_align="left", expand=False)
+
+
+def estimate_json(run: EstimateRun, source: str) -> dict[str, Any]:
+    """The estimate contract (DESIGN.md), plus the target, the allowance and provenance."""
+    result = run.result
+    a = run.allowance
+    out: dict[str, Any] = {
+        "command": "estimate",
+        "model": source,
+        "target": run.target,
+        "capacity_bytes": run.capacity_bytes,
+        "allowance": {
+            "fragmentation": a.fragmentation,
+            "context_bytes": a.context_bytes,
+            "round_to_bytes": a.round_to,
+            "flash_attention": a.flash_attention,
+        },
+    }
+    if result is not None:
+        out.update(
+            {
+                "max_batch_size": result.max_batch_size,
+                "exact": result.search.exact,
+                "capped": result.search.capped,
+                "usable_bytes": result.usable_bytes,
+                "num_parameters": result.num_parameters,
+                "points": [p.to_dict() for p in result.points],
+                "seconds": round(result.seconds, 3),
+                "provenance": "estimated: fake-tensor trace of full training steps",
+            }
+        )
+    else:
+        err = run.trace_error
+        fm = run.fallback
+        out.update(
+            {
+                "max_batch_size": fm.max_batch_size if fm else None,
+                "points": [
+                    {"batch_size": p.batch_size, "peak_bytes": p.peak_bytes, "breakdown": None}
+                    for p in (fm.probes if fm else [])
+                    if p.outcome is Outcome.FIT
+                ],
+                "trace_error": {"op": err.op if err else None, "message": str(err)},
+                "provenance": "measured: real probes (the model could not be traced)",
+                "find_max": find_max_json(fm, source) if fm else None,
+            }
+        )
+    return out

@@ -32,6 +32,9 @@ class Outcome(str, enum.Enum):
 class Observation:
     outcome: Outcome
     peak_bytes: int | None = None
+    #: the part of the peak that grows with the batch: the forward/backward peak, when the
+    #: backend can tell it apart from the optimizer step's (None: use peak_bytes)
+    line_bytes: int | None = None
 
 
 StrategyGen = Generator[int, Observation, None]
@@ -62,18 +65,20 @@ def doubling(start: int, cap: int) -> StrategyGen:
 def predictive(start: int, cap: int, limit_bytes: int) -> StrategyGen:
     """Jump near the boundary using the measured peaks, then bracket and finish exactly.
 
-    Memory per probe is modelled as max(fixed, intercept + slope * b): flat while the optimizer
+    Memory is modelled as max(optimizer-step peak, intercept + slope * b): flat while the optimizer
     step dominates, affine once activations do (REFERENCE: 27.1 -> 28.7 -> 56.9 MB at 1, 2, 8).
-    - Growing: `b * (limit / peak - 1)` is a size that still fits under that model whatever the
-      split between fixed and per-sample memory, so it is a safe jump; with two points on the
-      affine part, the line's crossing of `limit` predicts the boundary itself.
-    - Bracketed: try the line's prediction (clamped inside the bracket) and its neighbour; fall
-      back to bisection whenever a prediction fails to halve the bracket, so the worst case stays
-      logarithmic.
+    Backends report the forward/backward part apart (`Observation.line_bytes`), so the line is
+    fitted on the part that grows with the batch.
+    - Growing: `b * (limit / peak - 1)` still fits under that model whatever the split between
+      fixed and per-sample memory — a safe jump. With two points, the line's crossing of `limit`
+      predicts the boundary; when the larger point is far below the prediction, aim 90% of the
+      way there first, so that the next line is fitted close to the boundary.
+    - Bracketed: try the line's prediction inside the bracket (then its neighbour); bisect when a
+      try fails to halve the bracket, so the worst case stays logarithmic.
     Predictions are only places to look: the answer is always a tested size with `hi == lo + 1`.
     """
     lo, hi = 0, None
-    fits: list[tuple[int, int]] = []  # (batch, peak) of sizes that fit
+    fits: list[tuple[int, int]] = []  # (batch, growing part of the peak) of sizes that fit
     b = min(start, cap)
     bisect_next = False
     while True:
@@ -84,7 +89,8 @@ def predictive(start: int, cap: int, limit_bytes: int) -> StrategyGen:
         if obs.outcome is Outcome.FIT:
             lo = b
             if obs.peak_bytes is not None:
-                fits.append((b, obs.peak_bytes))
+                line = obs.line_bytes if obs.line_bytes is not None else obs.peak_bytes
+                fits.append((b, line))
             if b >= cap:
                 return
         else:
@@ -94,27 +100,37 @@ def predictive(start: int, cap: int, limit_bytes: int) -> StrategyGen:
         if hi is not None and lo == 0:  # even the first size failed: no peaks to go on
             b = hi // 2
             continue
-        guess = _predict(fits, limit_bytes)
+        target = _target(fits, lo, limit_bytes)
         if hi is None:
-            safe = _safe_jump(fits, limit_bytes)
-            candidates = [2 * lo, safe]
-            if guess is not None:
-                # the line may be too optimistic while a point sits on the flat part: never
-                # jump beyond 4x the safe size on its word alone
-                candidates.append(min(guess, 4 * max(safe, lo + 1)))
-            b = min(max(candidates), cap)
-            if b <= lo:
-                b = lo + 1
+            b = min(
+                max(lo + 1 if target else 2 * lo, _safe_jump(fits, limit_bytes), target or 0), cap
+            )
             continue
-        assert hi is not None
-        width = hi - lo
-        if width_before is not None and width * 2 > width_before:
+        if width_before is not None and (hi - lo) * 2 > width_before:
             bisect_next = True  # the last try did not halve the bracket
-        if bisect_next or guess is None:
-            b = (lo + hi) // 2
+        if bisect_next or target is None or target >= hi:
+            # the line overshot (memory grows faster than it said): split the bracket — in log
+            # space while it spans more than 4x, where the answer's order of magnitude is unknown
+            floor = max(lo + 1, _safe_jump(fits, limit_bytes))
+            wide = hi > 4 * floor and not bisect_next
+            b = math.isqrt(floor * hi) if wide else (lo + hi) // 2
             bisect_next = False
             continue
-        b = min(max(guess, lo + 1), hi - 1)
+        b = target
+
+
+def _target(fits: Sequence[tuple[int, int]], lo: int, limit_bytes: int) -> int | None:
+    """Where the line points next: its prediction, 90% of the way there when the prediction is
+    far beyond the points it was fitted on, lo + 1 when it says lo is the boundary."""
+    pred = _predict(fits, limit_bytes)
+    if pred is None:
+        return None
+    if pred <= lo:
+        return lo + 1
+    nearest = max(b for b, _ in fits)
+    if nearest >= pred // 2:
+        return pred
+    return lo + max(1, int(0.9 * (pred - lo)))
 
 
 def _safe_jump(fits: Sequence[tuple[int, int]], limit_bytes: int) -> int:
@@ -141,13 +157,48 @@ def _predict(fits: Sequence[tuple[int, int]], limit_bytes: int) -> int | None:
     return math.floor((limit_bytes - intercept) / slope)
 
 
-STRATEGIES = ("doubling", "predict")
+def seeded(guess: int, cap: int) -> StrategyGen:
+    """Start at a guess (e.g. from a fake-tensor estimate), step outward by 1, 2, 4, ... until the
+    boundary is bracketed, then bisect: 2 probes when the guess is right, O(log error) when not."""
+    lo, hi = 0, None
+    b = min(max(guess, 1), cap)
+    step = 1
+    while True:
+        obs = yield b
+        if obs.outcome is Outcome.ERROR:
+            return
+        if obs.outcome is Outcome.FIT:
+            lo = b
+            if b >= cap:
+                return
+        else:
+            hi = b
+        if hi is not None and hi - lo <= 1:
+            return
+        if hi is None:
+            b = min(lo + step, cap)
+        elif lo == 0:
+            b = max(hi - step, 1)
+        else:
+            b = (lo + hi) // 2
+            continue
+        step *= 2
 
 
-def make_strategy(name: str, start: int, cap: int, limit_bytes: int | None) -> StrategyGen:
-    """'auto' is the predictive search when a memory limit is known, else doubling."""
+STRATEGIES = ("doubling", "predict", "estimate")
+
+
+def make_strategy(
+    name: str, start: int, cap: int, limit_bytes: int | None, guess: int | None = None
+) -> StrategyGen:
+    """'auto' is the predictive search when a memory limit is known, else doubling; 'estimate'
+    starts from `guess` (the fake-tensor estimate of the boundary)."""
     if name == "auto":
         name = "predict" if limit_bytes else "doubling"
+    if name == "estimate":
+        if guess is None:
+            raise ValueError("the estimate strategy needs a guessed boundary")
+        return seeded(guess, cap)
     if name == "predict":
         if not limit_bytes:
             raise ValueError("the predictive strategy needs a memory limit in bytes")

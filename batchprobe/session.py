@@ -7,14 +7,24 @@ through callbacks and stop cleanly on Ctrl-C with what they have.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from batchprobe.backends import Backend, get_backend
 from batchprobe.build import Workload, build_workload, quiet_warnings
-from batchprobe.gpus import match_device_name
+from batchprobe.estimate import (
+    CUDA_BLOCK_BYTES,
+    Allowance,
+    EstimateResult,
+    TraceError,
+    Tracer,
+    estimate,
+)
+from batchprobe.gpus import lookup, match_device_name
 from batchprobe.planning import Measurement, Plan, PlanSettings, make_plan, resolve_lr_rule
 from batchprobe.probe import (
     FindMaxResult,
@@ -28,7 +38,10 @@ from batchprobe.search import Outcome
 from batchprobe.spec import Spec
 from batchprobe.step import TrainStep
 from batchprobe.timing import StepTiming, flops_per_sample, time_steps
-from batchprobe.units import MemorySize
+from batchprobe.units import MemorySize, format_bytes
+
+GPU_FRAGMENTATION = 0.05  # allocator rounding past 512 B blocks, fragmentation
+GPU_CONTEXT_BYTES = 512 * 1024**2  # CUDA context + cuBLAS/cuDNN workspaces, outside the allocator
 
 
 @dataclass
@@ -61,6 +74,7 @@ class Session:
     backend: Backend
     workload: Workload
     step: TrainStep
+    _tracer: Tracer | None = field(default=None, repr=False)
 
     @property
     def limit_bytes(self) -> int | None:
@@ -74,16 +88,57 @@ class Session:
         on_probe: ProbeCallback | None = None,
     ) -> FindMaxResult:
         p = self.spec.probe
-        return find_max(
+        strategy, guess, notes = p.strategy, None, []
+        # auto: start from the fake-tensor estimate when there is a limit to estimate against
+        # (2 real probes when it is right); the predictive search when the model cannot be traced
+        if strategy == "estimate" or (strategy == "auto" and self.limit_bytes):
+            guess, note = self._estimated_boundary()
+            strategy = "estimate" if guess is not None else "predict"
+            if note:
+                notes.append(note)
+        result = find_max(
             self.step,
             self.backend,
             start=p.start,
             cap=p.max_batch_size,
-            strategy=p.strategy,
+            strategy=strategy,
             steps=p.steps,
             on_start=on_start,
             on_probe=on_probe,
+            guess=guess,
         )
+        result.warnings[:0] = notes
+        result.guess = guess
+        return result
+
+    def _estimated_boundary(self, limit: int | None = None) -> tuple[int | None, str]:
+        """The fake-tensor estimate of the boundary under `limit` (default: this backend's),
+        or why there is none. Traces are kept: a second estimate reuses them."""
+        limit = limit or self.limit_bytes
+        if not limit:
+            return None, "no memory limit known: searched with probes alone"
+        try:
+            if self._tracer is None:
+                self._tracer = Tracer(self.spec, self.allowance(fixed=False), self.spec.probe.steps)
+            est = estimate(
+                self.spec,
+                limit,
+                self._tracer.allowance,
+                str(self.backend.device),
+                tracer=self._tracer,
+            )
+        except TraceError as exc:
+            return None, f"could not trace the model ({exc.op or exc}): searched with probes alone"
+        return est.max_batch_size or 1, ""
+
+    def allowance(self, fixed: bool = True) -> Allowance:
+        """What this device adds to a traced peak: nothing on CPU (the ledger counts exactly what
+        the trace counts); on CUDA the allocator's 512-byte blocks, fragmentation and — unless the
+        limit already excludes it (`fixed=False`) — the CUDA context and workspaces."""
+        if self.backend.device.type == "cpu":
+            return Allowance()
+        allowance = gpu_allowance(self.spec)
+        return allowance if fixed else dataclasses.replace(allowance, context_bytes=0)
 
     # -- plan -------------------------------------------------------------------------------
     def plan(self, progress: PlanProgress | None = None) -> PlanRun:
@@ -172,12 +227,13 @@ class Session:
         inside = [
             b for b, p in run.peaks.items() if p.peak_bytes is not None and p.peak_bytes <= cap
         ]
-        if not inside:
-            return None
-        lo = max(inside)
+        lo = max(inside) if inside else self.spec.probe.start
         if lo == fm.max_batch_size:
             return lo
-        # The same search, against a budget of headroom x limit, starting from what is known.
+        # The same search, against a budget of headroom x limit, starting from what is known
+        # (and from the estimate when find-max started from one).
+        guess = self._estimated_boundary(cap)[0] if fm.guess is not None else None
+        strategy = "estimate" if guess is not None else "predict"
         saved = self.backend.budget_bytes, self.backend.budget_is_default
         self.backend.set_budget(MemorySize(bytes=cap))
         try:
@@ -186,7 +242,8 @@ class Session:
                 self.backend,
                 start=lo,
                 cap=fm.max_batch_size,
-                strategy=self.spec.probe.strategy,
+                strategy="doubling" if self.spec.probe.strategy == "doubling" else strategy,
+                guess=guess,
                 steps=self.spec.probe.steps,
                 on_start=progress.on_probe_start,
                 on_probe=progress.on_probe,
@@ -310,3 +367,67 @@ def open_session(spec: Spec) -> Session:
     with quiet_warnings():
         workload = build_workload(spec, backend.device)
     return Session(spec, backend, workload, TrainStep(workload, spec.train, backend.device))
+
+
+# --------------------------------------------------------------------------- estimate
+
+
+@dataclass
+class EstimateRun:
+    target: str
+    capacity_bytes: int
+    allowance: Allowance
+    result: EstimateResult | None = None
+    trace_error: TraceError | None = None
+    fallback: FindMaxResult | None = None  # real probes, when the model cannot be traced
+
+
+def gpu_allowance(spec: Spec) -> Allowance:
+    e = spec.estimate
+    return Allowance(
+        fragmentation=e.fragmentation if e.fragmentation is not None else GPU_FRAGMENTATION,
+        context_bytes=e.context_bytes if e.context_bytes is not None else GPU_CONTEXT_BYTES,
+        round_to=CUDA_BLOCK_BYTES,
+        flash_attention=True,
+    )
+
+
+def estimate_target(spec: Spec) -> tuple[str, int, Allowance]:
+    """(what, capacity, allowance): a GPU from the table, a given capacity (a GPU), or the
+    configured device — where the CPU's budget is the capacity and nothing is added."""
+    e = spec.estimate
+    if e.gpu is not None:
+        gpu = lookup(e.gpu)
+        assert gpu is not None  # checked when the spec was loaded
+        return gpu.name, e.capacity or gpu.capacity_bytes, gpu_allowance(spec)
+    if e.capacity is not None:
+        return f"a GPU with {format_bytes(e.capacity)}", int(e.capacity), gpu_allowance(spec)
+    backend = get_backend(spec.probe.device)
+    backend.set_budget(spec.probe.memory_budget)
+    info = backend.info()
+    if backend.device.type == "cpu":
+        assert backend.budget_bytes is not None
+        return f"cpu budget ({info.name})", backend.budget_bytes, Allowance()
+    capacity = backend.budget_bytes or backend.capacity_bytes
+    return f"{info.device} ({info.name})", capacity, gpu_allowance(spec)
+
+
+def run_estimate(
+    spec: Spec,
+    on_point: Callable[[Any], None] | None = None,
+    on_probe: ProbeCallback | None = None,
+) -> EstimateRun:
+    """Trace with fake tensors; if the model cannot be traced, say which op and fall back to
+    real probes on the configured device."""
+    target, capacity, allowance = estimate_target(spec)
+    run = EstimateRun(target, capacity, allowance)
+    extra = spec.estimate.batch_sizes or ()
+    try:
+        run.result = estimate(
+            spec, capacity, allowance, target, batch_sizes=extra, on_point=on_point
+        )
+    except TraceError as exc:
+        run.trace_error = exc
+        session = open_session(spec)
+        run.fallback = session.find_max(on_probe=on_probe)
+    return run

@@ -27,7 +27,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 OptimizerName = Literal["sgd", "adam", "adamw", "none"]
 InputKind = Literal["tokens", "image", "tensor", "callable"]
 Task = Literal["causal-lm", "masked-lm", "seq-cls", "image-cls"]
-Strategy = Literal["auto", "doubling", "predict"]
+Strategy = Literal["auto", "doubling", "predict", "estimate"]
 Parallel = Literal["auto", "none", "ddp", "fsdp"]
 LrScaling = Literal["auto", "linear", "sqrt", "none"]
 
@@ -111,7 +111,10 @@ class ProbeSpec:
     start: int = field(default=1, metadata=_doc("first batch size tried", min=1))
     max_batch_size: int = field(default=65536, metadata=_doc("never probe above this", min=1))
     steps: int = field(default=2, metadata=_doc("full training steps per probe", min=2))
-    strategy: Strategy = field(default="auto", metadata=_doc("auto | doubling | predict"))
+    strategy: Strategy = field(
+        default="auto",
+        metadata=_doc("auto (estimate, else predict) | doubling | predict | estimate"),
+    )
     isolate: bool = field(default=False, metadata=_doc("run each probe in a child process"))
     timeout_s: float = field(default=600.0, metadata=_doc("isolated probe timeout, seconds", gt=0))
 
@@ -151,6 +154,27 @@ class PlanSpec:
     )
     min_time_s: float = field(
         default=1.0, metadata=_doc("timed seconds per candidate (at least 5 steps)", gt=0)
+    )
+
+
+@dataclass(frozen=True)
+class EstimateSpec:
+    gpu: str | None = field(
+        default=None, metadata=_doc("target GPU from the table (h100-80gb, a100-40gb, l4, ...)")
+    )
+    capacity: Bytes | None = field(
+        default=None,
+        metadata=_doc("target capacity (80GiB); default: the GPU's, else the device's"),
+    )
+    fragmentation: float | None = field(
+        default=None, metadata=_doc("GPU allowance on the peak (default 0.05)", min=0, max=1)
+    )
+    context_bytes: Bytes | None = field(
+        default=None,
+        metadata=_doc("GPU fixed allowance: CUDA context, workspaces (default 512MiB)"),
+    )
+    batch_sizes: tuple[int, ...] | None = field(
+        default=None, metadata=_doc("also trace these batch sizes (default: the search's)")
     )
 
 
@@ -220,6 +244,7 @@ class Spec:
     train: TrainSpec = field(default_factory=TrainSpec, metadata=_doc("how to train"))
     probe: ProbeSpec = field(default_factory=ProbeSpec, metadata=_doc("how to probe"))
     plan: PlanSpec = field(default_factory=PlanSpec, metadata=_doc("plan settings"))
+    estimate: EstimateSpec = field(default_factory=EstimateSpec, metadata=_doc("estimate settings"))
     check: CheckSpec = field(default_factory=CheckSpec, metadata=_doc("CI expectations"))
     data: DataSpec | None = field(default=None, metadata=_doc("real batches (noise scale)"))
     noise: NoiseSpec = field(default_factory=NoiseSpec, metadata=_doc("noise-scale settings"))
@@ -604,6 +629,16 @@ def _cross_checks(spec: Spec, lines: dict[str, int]) -> list[Problem]:
                     f"train.optimizer.{key}",
                     f"not an argument of {opt.name}{hint} (accepted: {', '.join(allowed)})",
                 )
+    if spec.estimate.gpu is not None:
+        from batchprobe.gpus import GPUS, lookup, suggest
+
+        if lookup(spec.estimate.gpu) is None:
+            close = suggest(spec.estimate.gpu)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            add(
+                "estimate.gpu",
+                f"unknown GPU {spec.estimate.gpu!r}{hint} (known: {', '.join(g.key for g in GPUS)})",
+            )
     if spec.probe.max_batch_size < spec.probe.start:
         add(
             "probe.max_batch_size",

@@ -35,11 +35,17 @@ class TrainStep:
         train: TrainSpec,
         device: torch.device,
         wrap: Callable[[nn.Module], nn.Module] | None = None,
+        fake: bool = False,
     ) -> None:
         self.workload = workload
+        # Traced with fake tensors (estimate): no GradScaler (its inf check reads a value; its
+        # state is a few scalars) and no compilation.
+        self.fake = fake
         self.train_spec = train
         self.device = device
-        self.model = workload.model.to(device)
+        self.model = workload.model
+        if any(t.device != device for t in (*self.model.parameters(), *self.model.buffers())):
+            self.model = self.model.to(device)
         self.model.train()
         # What the step calls: a DDP/FSDP wrapper and/or torch.compile around the model.
         self.runner: nn.Module = wrap(self.model) if wrap is not None else self.model
@@ -73,11 +79,11 @@ class TrainStep:
             self.optimizer = torch.optim.Adam(params, lr=spec.lr, **spec.kwargs)
         elif spec.name == "adamw":
             self.optimizer = torch.optim.AdamW(params, lr=spec.lr, **spec.kwargs)
-        if self.train_spec.precision == "fp16":
+        if self.train_spec.precision == "fp16" and not self.fake:
             # init_scale=1: with the default 2**16 the first steps often overflow and are skipped,
             # and a skipped step creates no optimizer state: the probe would under-count memory.
             self.scaler = torch.amp.GradScaler(self.device.type, init_scale=1.0)
-        if self.train_spec.compile:
+        if self.train_spec.compile and not self.fake:
             torch.compiler.reset()  # a fresh graph per batch size, as a real run compiles once
             self._compiled = torch.compile(self.runner)
 

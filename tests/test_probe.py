@@ -111,13 +111,17 @@ FAMILIES = {
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("strategy", ["doubling", "predict"])
+@pytest.mark.parametrize("strategy", ["doubling", "predict", "auto"])
 def test_boundary_is_exact_against_a_brute_force_scan(family: str, strategy: str) -> None:
     source, sections, target = FAMILIES[family]
     sections = {k: v for k, v in sections.items() if k != "model"} | {"model": sections["model"]}
     s = session(source, **sections)
     s.backend.set_budget(MemorySize(bytes=budget_for(s, target)))
-    result = find_max(s.step, s.backend, strategy=strategy)
+    if strategy == "auto":  # the default: from the fake-tensor estimate, through the session
+        result = s.find_max()
+        assert result.guess is not None and len(result.probes) == 2
+    else:
+        result = find_max(s.step, s.backend, strategy=strategy)
     assert result.search.exact
     best = result.max_batch_size
     assert best is not None

@@ -31,6 +31,14 @@ class Meter:
     reserved_bytes: int | None = None
     alloc_retries: int = 0
     start_bytes: int = 0
+    #: peak within each step phase (batch, forward, backward, optimizer, other)
+    phase_peaks: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def line_bytes(self) -> int | None:
+        """Peak of the phases that grow with the batch (forward, backward), if known."""
+        values = [self.phase_peaks[p] for p in ("forward", "backward") if p in self.phase_peaks]
+        return max(values) if values else None
 
     def retained_bytes(self) -> int:
         """Bytes allocated inside the region that are still held (call after cleanup)."""

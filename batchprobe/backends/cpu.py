@@ -105,6 +105,7 @@ class CpuBackend:
         finally:
             step.observer = None
             meter.peak_bytes = ledger.peak_bytes
+            meter.phase_peaks = dict(ledger.phase_peaks)
 
     def synchronize(self) -> None:
         return None

@@ -24,12 +24,33 @@ def _retries(device: torch.device) -> int:
 
 
 class CudaMeter(Meter):
+    """Also the step's observer: at each phase change it closes the previous phase's peak and
+    resets the allocator's peak counter (host-side bookkeeping: no synchronization needed)."""
+
     def __init__(self, device: torch.device, start_bytes: int) -> None:
         super().__init__(start_bytes=start_bytes)
         self.device = device
+        self.current_phase = "other"
 
     def retained_bytes(self) -> int:
         return max(0, torch.cuda.memory_allocated(self.device) - self.start_bytes)
+
+    def phase(self, name: str) -> None:
+        self.close_phase()
+        self.current_phase = name
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def close_phase(self) -> None:
+        peak = int(torch.cuda.max_memory_allocated(self.device))
+        reserved = int(torch.cuda.max_memory_reserved(self.device))
+        self.peak_bytes = max(self.peak_bytes, peak)
+        self.reserved_bytes = max(self.reserved_bytes or 0, reserved)
+        self.phase_peaks[self.current_phase] = max(
+            self.phase_peaks.get(self.current_phase, 0), peak
+        )
+
+    def mark(self, tensors: Any, tag: str) -> None:
+        return None
 
 
 class CudaBackend:
@@ -83,12 +104,13 @@ class CudaBackend:
         torch.cuda.reset_peak_memory_stats(self.device)
         meter = CudaMeter(self.device, torch.cuda.memory_allocated(self.device))
         retries = _retries(self.device)
+        step.observer = meter
         try:
             yield meter
         finally:
+            step.observer = None
             torch.cuda.synchronize(self.device)
-            meter.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
-            meter.reserved_bytes = int(torch.cuda.max_memory_reserved(self.device))
+            meter.close_phase()
             meter.alloc_retries = _retries(self.device) - retries
 
     def synchronize(self) -> None:

@@ -1,0 +1,302 @@
+"""Memory of full training steps traced with fake tensors: no compute, no device memory.
+
+The model is built on the meta device, given fake CPU storage (FakeTensorMode), and driven by the
+same TrainStep as a probe, with the same storage ledger counting live bytes — so on CPU the
+estimate equals what a probe measures. For a GPU target the trace cannot see what the device adds:
+the CUDA context and library workspaces (outside PyTorch's allocator), and the allocator's block
+rounding and fragmentation. Those are a stated, configurable allowance: every storage is rounded up
+to 512 bytes as the caching allocator does, the peak is multiplied by (1 + fragmentation), and a
+fixed `context_bytes` is taken off the capacity. Attention is traced as the memory-efficient
+kernels a GPU runs (no T x T score matrix), since the CPU's math kernel would materialise it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from batchprobe.build import build_workload, quiet_warnings
+from batchprobe.errors import ModelError
+from batchprobe.memory import Breakdown, StorageLedger, TrackingMode
+from batchprobe.search import Observation, Outcome, SearchResult, search
+from batchprobe.spec import Spec
+from batchprobe.step import TrainStep
+
+CUDA_BLOCK_BYTES = 512  # the caching allocator's smallest block: every allocation rounds up to it
+
+
+@dataclass(frozen=True)
+class Allowance:
+    """What a real device adds to the traced peak."""
+
+    fragmentation: float = 0.0  # relative: allocator rounding beyond 512 B blocks, fragmentation
+    context_bytes: int = 0  # fixed, outside the allocator: CUDA context, cuBLAS/cuDNN workspaces
+    round_to: int = 1  # bytes every storage is rounded up to
+    flash_attention: bool = False  # model attention as the GPU's memory-efficient kernels
+
+    def device_bytes(self, traced_bytes: int) -> int:
+        return int(traced_bytes * (1.0 + self.fragmentation))
+
+    def usable(self, capacity_bytes: int) -> int:
+        return capacity_bytes - self.context_bytes
+
+    def describe(self) -> str:
+        if not (self.fragmentation or self.context_bytes or self.round_to > 1):
+            return "none (the trace is what the CPU backend measures)"
+        parts = []
+        if self.round_to > 1:
+            parts.append(f"storages rounded up to {self.round_to} B")
+        if self.fragmentation:
+            parts.append(f"+{self.fragmentation:.0%} for allocator rounding and fragmentation")
+        if self.context_bytes:
+            from batchprobe.units import format_bytes
+
+            parts.append(f"{format_bytes(self.context_bytes)} for the CUDA context and workspaces")
+        if self.flash_attention:
+            parts.append("attention as memory-efficient kernels")
+        return "; ".join(parts)
+
+
+@dataclass
+class EstimatePoint:
+    batch_size: int
+    peak_bytes: int  # traced
+    device_bytes: int  # with the allowance
+    breakdown: Breakdown
+    phase_peaks: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "peak_bytes": self.peak_bytes,
+            "device_bytes": self.device_bytes,
+            "breakdown": self.breakdown.as_dict(),
+        }
+
+
+class TraceError(Exception):
+    """The model cannot be traced with fake tensors (an op without a fake implementation, or
+    data-dependent control flow). Carries the op when known."""
+
+    def __init__(self, message: str, op: str | None) -> None:
+        super().__init__(message)
+        self.op = op
+
+
+class _GpuAttention(TorchFunctionMode):
+    """Trace scaled_dot_product_attention as a GPU runs it: a fused kernel that keeps the output
+    and its log-sum-exp, never the T x T scores. On CPU the same memory profile comes from the
+    CPU flash kernel, which takes neither dropout nor masks: both are dropped for the trace (a
+    GPU's fused kernels draw dropout from a seed and read the mask, storing neither)."""
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            q, k, v = args[:3]
+            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+            causal = kwargs.get("is_causal", args[5] if len(args) > 5 else False)
+            try:
+                with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                    return func(
+                        q,
+                        k,
+                        v,
+                        is_causal=bool(causal) and mask is None,
+                        scale=kwargs.get("scale"),
+                        enable_gqa=kwargs.get("enable_gqa", False),
+                    )
+            except RuntimeError:
+                pass  # shapes the fused kernel does not take: trace the call as it is
+        return func(*args, **kwargs)
+
+
+class Tracer:
+    """A spec's model with fake storage, and one method: trace(b) -> EstimatePoint."""
+
+    def __init__(self, spec: Spec, allowance: Allowance, steps: int = 2) -> None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self.spec = spec
+        self.allowance = allowance
+        self.steps = steps
+        with quiet_warnings():
+            self.workload = build_workload(spec, "meta")  # shapes only
+        # Data-dependent ops cannot run on fake tensors; plain CPU tensors created outside the
+        # mode (e.g. module constants) are allowed in.
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with self.mode:
+            materialize(self.workload.model, torch.device("cpu"))
+        self.step = TrainStep(self.workload, spec.train, torch.device("cpu"), fake=True)
+        self._points: dict[int, EstimatePoint] = {}
+
+    def trace(self, batch_size: int) -> EstimatePoint:
+        """Peak of `steps` traced training steps at `batch_size` (each size traced once)."""
+        if batch_size not in self._points:
+            self._points[batch_size] = self._trace(batch_size)
+        return self._points[batch_size]
+
+    def _trace(self, batch_size: int) -> EstimatePoint:
+        ledger = StorageLedger(round_to=self.allowance.round_to, keep_breakdown=True)
+        attention = _GpuAttention() if self.allowance.flash_attention else None
+        try:
+            with self.mode, quiet_warnings(), _maybe(attention):
+                ledger.mark(self.step.persistent_tensors(), "parameters")
+                self.step.observer = ledger
+                with TrackingMode(ledger):
+                    self.step.begin()
+                    batch = self.step.make_batch(batch_size)
+                    for _ in range(self.steps):
+                        self.step.train_step(batch)
+                    del batch
+        except Exception as exc:
+            raise _trace_error(exc) from None
+        finally:
+            self.step.observer = None
+            self.step.end()
+        point = EstimatePoint(
+            batch_size,
+            ledger.peak_bytes,
+            self.allowance.device_bytes(ledger.peak_bytes),
+            ledger.breakdown(),
+            dict(ledger.phase_peaks),
+        )
+        ledger.close()
+        return point
+
+
+def materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Give a meta model storage on `device` (fake storage under FakeTensorMode), keeping shared
+    parameters shared: `Module.to_empty` converts a tied weight (GPT-2's embedding and LM head)
+    once per owner, which would count it twice."""
+    memo: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in memo:
+                memo[id(param)] = torch.nn.Parameter(
+                    torch.empty_like(param, device=device), requires_grad=param.requires_grad
+                )
+            module._parameters[name] = memo[id(param)]  # type: ignore[assignment]
+        for name, buf in list(module._buffers.items()):
+            if buf is None:
+                continue
+            if id(buf) not in memo:
+                memo[id(buf)] = torch.empty_like(buf, device=device)
+            module._buffers[name] = memo[id(buf)]
+
+
+@contextmanager
+def _maybe(mode: TorchFunctionMode | None) -> Iterator[None]:
+    if mode is None:
+        yield
+    else:
+        with mode:
+            yield
+
+
+_OP_RE = re.compile(r"\b(aten[.:]{1,2}[\w.]+|\w+::\w+)")
+
+
+def _trace_error(exc: Exception) -> TraceError:
+    """Name the op that could not be traced, when the exception says which."""
+    op = getattr(exc, "func", None)
+    name = str(op) if op is not None else None
+    if name is None:
+        match = _OP_RE.search(str(exc))
+        name = match.group(1) if match else None
+    return TraceError(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", name)
+
+
+@dataclass
+class EstimateResult:
+    points: list[EstimatePoint]
+    capacity_bytes: int
+    usable_bytes: int
+    allowance: Allowance
+    target: str
+    search: SearchResult
+    seconds: float
+    num_parameters: int
+
+    @property
+    def max_batch_size(self) -> int | None:
+        return self.search.best
+
+    def point(self, batch_size: int | None) -> EstimatePoint | None:
+        return next((p for p in self.points if p.batch_size == batch_size), None)
+
+
+def estimate(
+    spec: Spec,
+    capacity_bytes: int,
+    allowance: Allowance,
+    target: str,
+    *,
+    batch_sizes: tuple[int, ...] = (),
+    on_point: Callable[[EstimatePoint], None] | None = None,
+    tracer: Tracer | None = None,
+) -> EstimateResult:
+    """Trace at `batch_sizes` and search (on traces) for the largest batch that fits
+    `capacity_bytes` once the allowance is applied. Raises TraceError if the model cannot be
+    traced, SpecError/ModelError for bad input."""
+    started = time.perf_counter()
+    tracer = tracer or Tracer(spec, allowance, steps=spec.probe.steps)
+    usable = allowance.usable(capacity_bytes)
+    if usable <= 0:
+        raise ModelError(
+            f"the capacity ({capacity_bytes} B) is not larger than the fixed allowance "
+            f"({allowance.context_bytes} B)"
+        )
+    points: dict[int, EstimatePoint] = {}
+
+    def traced(b: int) -> EstimatePoint:
+        if b not in points:
+            points[b] = tracer.trace(b)
+            if on_point is not None:
+                on_point(points[b])
+        return points[b]
+
+    for b in batch_sizes:
+        traced(b)
+
+    def fits(b: int) -> Observation:
+        p = traced(b)
+        if p.device_bytes > usable:
+            return Observation(Outcome.OOM)
+        line = max((p.phase_peaks.get(k, 0) for k in ("forward", "backward")), default=0)
+        return Observation(Outcome.FIT, p.device_bytes, allowance.device_bytes(line) or None)
+
+    result = search(
+        fits,
+        start=spec.probe.start,
+        cap=spec.probe.max_batch_size,
+        strategy="predict",
+        limit_bytes=usable,
+    )
+    return EstimateResult(
+        points=sorted(points.values(), key=lambda p: p.batch_size),
+        capacity_bytes=capacity_bytes,
+        usable_bytes=usable,
+        allowance=allowance,
+        target=target,
+        search=result,
+        seconds=time.perf_counter() - started,
+        num_parameters=tracer.workload.num_parameters,
+    )
