@@ -20,6 +20,7 @@ from rich.text import Text
 from batchprobe import __version__
 from batchprobe.errors import (
     EXIT_BAD_INPUT,
+    EXIT_CHECK_FAILED,
     EXIT_INTERRUPTED,
     EXIT_NOTHING_FITS,
     BatchprobeError,
@@ -136,6 +137,15 @@ StepsOpt = Annotated[
 StrategyOpt = Annotated[
     str | None,
     typer.Option(help="auto | doubling | predict  [spec: probe.strategy]", show_default=False),
+]
+
+IsolateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--isolate",
+        help="Run each probe in a child process with a timeout: a SIGKILL, a hang or a sticky "
+        "device error becomes an outcome  [spec: probe.isolate]",
+    ),
 ]
 
 
@@ -256,6 +266,7 @@ def find_max_cmd(
     max_batch_size: MaxBatchOpt = None,
     steps: StepsOpt = None,
     strategy: StrategyOpt = None,
+    isolate: IsolateOpt = False,
     json_: JsonOpt = False,
     output: OutputOpt = None,
 ) -> None:
@@ -280,6 +291,8 @@ def find_max_cmd(
             steps=steps,
             strategy=strategy,
         )
+        if isolate:
+            flags["probe.isolate"] = True
         spec = _load_spec(config, set_, flags)
         from batchprobe.session import open_session
 
@@ -692,6 +705,151 @@ def estimate_cmd(
             _finish_find_max_exit(out, run.fallback)
         elif run.result is not None and run.result.max_batch_size is None:
             raise typer.Exit(EXIT_NOTHING_FITS)
+
+
+# ----------------------------------------------------------------------------- check
+
+
+@app.command("check")
+def check_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    device: DeviceOpt = None,
+    memory_budget: BudgetOpt = None,
+    model: ModelOpt = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            help="Compare with a baseline written earlier by --update-baseline.", show_default=False
+        ),
+    ] = None,
+    update_baseline: Annotated[
+        Path | None,
+        typer.Option(
+            help="Measure the max batch, throughput and peak memory and write them as a baseline.",
+            show_default=False,
+        ),
+    ] = None,
+    tolerance: Annotated[
+        float | None,
+        typer.Option(
+            help="Relative slack on every expectation (default 0.05)  [spec: check.tolerance]",
+            show_default=False,
+        ),
+    ] = None,
+    junit: Annotated[
+        Path | None,
+        typer.Option(help="Write JUnit XML (one test case per check).", show_default=False),
+    ] = None,
+    require_gpu: Annotated[
+        bool, typer.Option("--require-gpu", help="Exit 3 unless the device is a CUDA GPU.")
+    ] = False,
+    isolate: Annotated[
+        bool,
+        typer.Option("--isolate", help="Run each probe in a child process  [spec: probe.isolate]"),
+    ] = False,
+    json_: JsonOpt = False,
+    output: OutputOpt = None,
+) -> None:
+    """CI hardware smoke check: fails (exit 1) when max batch, throughput or peak memory regress against the spec's check: section or a baseline.
+
+    Measures only what the expectations need: a max batch of at least N is one probe at N. Appends a Markdown summary to $GITHUB_STEP_SUMMARY when it is set. Exit codes: 0 all hold, 1 a check failed, 2 bad input, 3 device missing (--require-gpu), 130 interrupted.
+    """
+    out = Out(json_)
+    with _handled(out, "check"):
+        import json as _json
+
+        from batchprobe.errors import DeviceError, Problem, SpecError
+
+        flags = _flag_values(device=device, memory_budget=memory_budget, model=model)
+        if tolerance is not None:
+            flags["check.tolerance"] = tolerance
+        if isolate:
+            flags["probe.isolate"] = True
+        spec = _load_spec(config, set_, flags)
+        base = None
+        if baseline is not None:
+            try:
+                base = _json.loads(baseline.read_text())
+            except (OSError, ValueError) as exc:
+                raise SpecError([Problem("--baseline", f"cannot read {baseline}: {exc}")]) from None
+            if not isinstance(base, dict) or base.get("command") != "check-baseline":
+                raise SpecError(
+                    [
+                        Problem(
+                            "--baseline",
+                            f"{baseline} is not a baseline written by check --update-baseline",
+                        )
+                    ]
+                )
+        from batchprobe.session import expectations, open_session, run_check
+
+        if not expectations(spec, base) and update_baseline is None:
+            raise SpecError(
+                [
+                    Problem(
+                        "check",
+                        "nothing to check: add a check: section to the spec, or --baseline FILE",
+                    )
+                ]
+            )
+        from batchprobe.backends import resolve_device
+
+        if require_gpu and resolve_device(spec.probe.device).type != "cuda":
+            raise DeviceError("--require-gpu: no CUDA device is available here")
+        session = open_session(spec)
+        _freeze_heap()
+        run = run_check(
+            session,
+            base,
+            update_baseline=update_baseline is not None,
+            on_event=lambda text: out.err.print(f"[dim]{text}[/dim]"),
+        )
+        _finish_check(out, spec, run, output, junit, update_baseline)
+
+
+def _finish_check(
+    out: Out,
+    spec: Any,
+    run: Any,
+    output: Path | None,
+    junit: Path | None,
+    update_baseline: Path | None,
+) -> None:
+    import os
+
+    from batchprobe.report import (
+        check_json,
+        check_markdown,
+        check_table,
+        junit_xml,
+        to_json,
+        write_atomic,
+    )
+
+    source = spec.model.source
+    text = to_json(check_json(run, source))
+    _write_output(out, output, text)
+    if junit is not None:
+        write_atomic(junit, junit_xml(run, source))
+        out.err.print(f"[dim]wrote {junit}[/dim]")
+    if update_baseline is not None and run.baseline is not None and not run.interrupted:
+        write_atomic(update_baseline, to_json(run.baseline))
+        out.err.print(f"[dim]wrote baseline {update_baseline}[/dim]")
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a", encoding="utf-8") as f:
+            f.write(check_markdown(run, source))
+    if out.json_mode:
+        out.emit_json(text)
+    if run.outcomes:
+        out.human.print(check_table(run))
+    verdict = "all checks passed" if run.passed else "a check FAILED"
+    out.human.print(Text(verdict, style="bold green" if run.passed else "bold red"))
+    if run.interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if not run.passed:
+        raise typer.Exit(EXIT_CHECK_FAILED)
 
 
 # ----------------------------------------------------------------------------- env

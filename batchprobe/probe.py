@@ -12,8 +12,9 @@ from __future__ import annotations
 import gc
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -66,6 +67,19 @@ class Failure:
     @property
     def sticky(self) -> bool:
         return self.kind == "sticky"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "outcome": self.outcome.value,
+            "kind": self.kind,
+            "error_type": self.error_type,
+            "message": self.message,
+            "traceback": self.traceback,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Failure:
+        return cls(Outcome(d["outcome"]), d["kind"], d["error_type"], d["message"], d["traceback"])
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -120,6 +134,7 @@ class ProbeResult:
     failure: Failure | None = None
     reused: bool = False  # answered from an earlier probe's measured peak, not run again
     line_bytes: int | None = None  # peak of forward/backward alone (grows with the batch)
+    isolated: bool = False  # ran in a child process
 
     def observation(self) -> Observation:
         if self.outcome is not Outcome.FIT:
@@ -145,7 +160,31 @@ class ProbeResult:
             d["kind"] = self.failure.kind
             d["error_type"] = self.failure.error_type
             d["message"] = self.failure.message
+        if self.isolated:
+            d["isolated"] = True
         return d
+
+    def to_record(self) -> dict[str, Any]:
+        """Everything, for passing between processes."""
+        return {
+            **{k: v for k, v in self.__dict__.items() if k not in ("outcome", "failure")},
+            "outcome": self.outcome.value,
+            "failure": self.failure.to_dict() if self.failure else None,
+        }
+
+    @classmethod
+    def from_record(cls, d: Mapping[str, Any]) -> ProbeResult:
+        fields = dict(d)
+        fields["outcome"] = Outcome(fields["outcome"])
+        fields["failure"] = Failure.from_dict(fields["failure"]) if fields["failure"] else None
+        return cls(**fields)
+
+
+def is_thrashing(retries_per_step: Sequence[int]) -> bool:
+    """Allocator thrash: the caching allocator had to free its cache and retry (cudaMalloc
+    retries) in every one of the last two steps. It completes, slowly, on the edge of an OOM:
+    it does not fit in practice (Composer treats it the same way)."""
+    return len(retries_per_step) >= 2 and all(r > 0 for r in retries_per_step[-2:])
 
 
 def clean(backend: Backend, collect: bool = True) -> None:
@@ -192,6 +231,13 @@ def run_probe(step: TrainStep, backend: Backend, batch_size: int, steps: int = 2
                 retained = meter.retained_bytes()
             meter.close()
     assert meter is not None
+    if failure is None and is_thrashing(meter.step_retries):
+        failure = Failure(
+            Outcome.OOM,
+            "thrash",
+            "AllocatorThrash",
+            f"allocator retries in consecutive steps ({meter.step_retries}): on the edge of an OOM",
+        )
     return ProbeResult(
         batch_size=batch_size,
         outcome=failure.outcome if failure else Outcome.FIT,
@@ -216,6 +262,7 @@ class FindMaxResult:
     seconds: float
     warnings: list[str] = field(default_factory=list)
     guess: int | None = None  # the estimate the search started from (strategy estimate)
+    poisoned: bool = False  # an in-process probe hit a sticky device error
 
     @property
     def max_batch_size(self) -> int | None:
@@ -257,11 +304,15 @@ def find_max(
     prober: Callable[[int], ProbeResult] | None = None,
     known: Mapping[int, int] | None = None,
     guess: int | None = None,
+    isolate: Callable[[], Callable[[int], ProbeResult]] | None = None,
 ) -> FindMaxResult:
     """Drive a search strategy with real probes. Ctrl-C ends it with the probes made so far.
 
     `known` maps batch sizes to peaks measured earlier (completed probes): against the current
     limit they answer without running again (peak <= limit: fit, else oom).
+    `isolate` makes a prober that runs each probe in a child process: the search switches to it
+    when an in-process probe hits a sticky device error (the probe is run again, isolated) or
+    leaves memory behind after a failure.
     """
     limit = backend.budget_bytes or backend.free_bytes_at_start
     name = strategy if strategy != "auto" else ("predict" if limit else "doubling")
@@ -269,7 +320,7 @@ def find_max(
     run = prober or (lambda b: run_probe(step, backend, b, steps))
     probes: list[ProbeResult] = []
     warnings: list[str] = []
-    interrupted = False
+    interrupted = poisoned = False
     started = time.perf_counter()
     try:
         b = next(gen)
@@ -284,14 +335,27 @@ def find_max(
                 if on_start is not None:
                     on_start(b)
                 result = run(b)
+                sticky = result.failure is not None and result.failure.sticky
+                leaked = result.retained_bytes > 0 and result.failure is not None
+                if (sticky or leaked) and isolate is not None and not result.isolated:
+                    why = (
+                        f"a sticky device error at batch {b} ({result.failure.message})"  # type: ignore[union-attr]
+                        if sticky
+                        else f"{result.retained_bytes} bytes still held after the failure at batch {b}"
+                    )
+                    warnings.append(f"{why}: switching to isolated probes (one process each)")
+                    run = isolate()
+                    if sticky:  # this process can no longer tell: ask a fresh one
+                        poisoned = True
+                        result = run(b)
+                elif result.retained_bytes > 0:
+                    warnings.append(
+                        f"probe at batch {b} left {result.retained_bytes} bytes allocated after "
+                        "recovery; later probes may see less memory (try --isolate)"
+                    )
             probes.append(result)
             if on_probe is not None:
                 on_probe(result)
-            if result.retained_bytes > 0:
-                warnings.append(
-                    f"probe at batch {b} left {result.retained_bytes} bytes allocated after "
-                    "recovery; later probes may see less memory (try --isolate)"
-                )
             b = gen.send(result.observation())
     except StopIteration:
         pass
@@ -309,4 +373,5 @@ def find_max(
         strategy=name,
         seconds=time.perf_counter() - started,
         warnings=warnings,
+        poisoned=poisoned,
     )

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -629,6 +630,8 @@ def _cross_checks(spec: Spec, lines: dict[str, int]) -> list[Problem]:
                     f"train.optimizer.{key}",
                     f"not an argument of {opt.name}{hint} (accepted: {', '.join(allowed)})",
                 )
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec.probe.device.strip().lower()):
+        add("probe.device", f"must be auto, cpu, cuda or cuda:N, got {spec.probe.device!r}")
     if spec.estimate.gpu is not None:
         from batchprobe.gpus import GPUS, lookup, suggest
 

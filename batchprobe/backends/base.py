@@ -33,6 +33,8 @@ class Meter:
     start_bytes: int = 0
     #: peak within each step phase (batch, forward, backward, optimizer, other)
     phase_peaks: dict[str, int] = field(default_factory=dict)
+    #: allocator retries (cudaMalloc failures answered by freeing the cache) in each step
+    step_retries: list[int] = field(default_factory=list)
 
     @property
     def line_bytes(self) -> int | None:

@@ -31,12 +31,18 @@ class CudaMeter(Meter):
         super().__init__(start_bytes=start_bytes)
         self.device = device
         self.current_phase = "other"
+        self._step_start_retries: int | None = None
 
     def retained_bytes(self) -> int:
         return max(0, torch.cuda.memory_allocated(self.device) - self.start_bytes)
 
     def phase(self, name: str) -> None:
         self.close_phase()
+        if name == "forward":  # a step begins: close the previous step's retry count
+            retries = _retries(self.device)
+            if self._step_start_retries is not None:
+                self.step_retries.append(retries - self._step_start_retries)
+            self._step_start_retries = retries
         self.current_phase = name
         torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -111,7 +117,10 @@ class CudaBackend:
             step.observer = None
             torch.cuda.synchronize(self.device)
             meter.close_phase()
-            meter.alloc_retries = _retries(self.device) - retries
+            end = _retries(self.device)
+            if meter._step_start_retries is not None:
+                meter.step_retries.append(end - meter._step_start_retries)
+            meter.alloc_retries = end - retries
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
