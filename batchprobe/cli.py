@@ -172,16 +172,37 @@ def _flag_values(**flags: Any) -> dict[str, Any]:
 
 
 class Out:
-    """Where things go: `human` for tables and summaries, `progress` for live updates."""
+    """Where things go: `human` for tables and summaries, `err` for progress and messages, files
+    for --output and friends. Under torchrun only rank 0 says or writes anything."""
 
     def __init__(self, json_mode: bool) -> None:
+        import io
+        import os
+
         self.json_mode = json_mode
-        self.err = Console(stderr=True, highlight=False)
-        self.human = self.err if json_mode else Console(highlight=False)
+        self.quiet = (
+            int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+            and int(os.environ.get("RANK", "0") or 0) != 0
+        )
+        if self.quiet:
+            self.err = self.human = Console(file=io.StringIO())
+        else:
+            self.err = Console(stderr=True, highlight=False)
+            self.human = self.err if json_mode else Console(highlight=False)
 
     def emit_json(self, text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        if not self.quiet:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    def write(self, path: Path | None, text: str, what: str = "") -> None:
+        """Write a file atomically (rank 0 only) and say so."""
+        if path is None or self.quiet:
+            return
+        from batchprobe.report import write_atomic
+
+        write_atomic(path, text)
+        self.err.print(f"[dim]wrote {what}{path}[/dim]")
 
 
 def _fail(out: Out, command: str, exc: BatchprobeError) -> NoReturn:
@@ -229,12 +250,7 @@ def _load_spec(config: Path | None, sets: list[str] | None, flags: dict[str, Any
 
 
 def _write_output(out: Out, path: Path | None, text: str) -> None:
-    if path is None:
-        return
-    from batchprobe.report import write_atomic
-
-    write_atomic(path, text)
-    out.err.print(f"[dim]wrote {path}[/dim]")
+    out.write(path, text)
 
 
 def _freeze_heap() -> None:
@@ -582,7 +598,6 @@ def _finish_plan(
         plan_table,
         recommendation_panel,
         to_json,
-        write_atomic,
     )
 
     source = session.spec.model.source
@@ -590,13 +605,9 @@ def _finish_plan(
     _write_output(out, output, text)
     plan = run.plan
     if plan is not None:
-        if csv_file is not None:
-            write_atomic(csv_file, plan_csv(plan))
-            out.err.print(f"[dim]wrote {csv_file}[/dim]")
-        if markdown_file is not None:
-            write_atomic(markdown_file, plan_markdown(plan, run, source))
-            out.err.print(f"[dim]wrote {markdown_file}[/dim]")
-        if plot_file is not None:
+        out.write(csv_file, plan_csv(plan))
+        out.write(markdown_file, plan_markdown(plan, run, source))
+        if plot_file is not None and not out.quiet:
             plan_plot(plan, plot_file, source)
             out.err.print(f"[dim]wrote {plot_file}[/dim]")
     if out.json_mode:
@@ -824,20 +835,17 @@ def _finish_check(
         check_table,
         junit_xml,
         to_json,
-        write_atomic,
     )
 
     source = spec.model.source
     text = to_json(check_json(run, source))
     _write_output(out, output, text)
     if junit is not None:
-        write_atomic(junit, junit_xml(run, source))
-        out.err.print(f"[dim]wrote {junit}[/dim]")
+        out.write(junit, junit_xml(run, source))
     if update_baseline is not None and run.baseline is not None and not run.interrupted:
-        write_atomic(update_baseline, to_json(run.baseline))
-        out.err.print(f"[dim]wrote baseline {update_baseline}[/dim]")
+        out.write(update_baseline, to_json(run.baseline), "baseline ")
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if summary:
+    if summary and not out.quiet:
         with open(summary, "a", encoding="utf-8") as f:
             f.write(check_markdown(run, source))
     if out.json_mode:

@@ -34,6 +34,9 @@ class _Record:
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, torch.UntypedStorage] | None:
+    local = getattr(t, "_local_tensor", None)  # a DTensor (FSDP2): its shard holds the storage
+    if isinstance(local, torch.Tensor):
+        t = local
     try:
         storage = t.untyped_storage()
     except (RuntimeError, NotImplementedError):  # sparse and other storage-less tensors

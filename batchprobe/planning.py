@@ -30,6 +30,7 @@ class Measurement:
     optimizer_s: float
     spread: float = 0.0
     flops: float | None = None  # model FLOPs of one forward+backward at this micro-batch
+    fwd_bwd_nosync_s: float | None = None  # without the gradient all-reduce (distributed)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Row:
     peak_fraction: float | None  # of the limit the headroom applies to
     fwd_bwd_time_s: float
     optimizer_time_s: float
+    fwd_bwd_nosync_time_s: float | None  # without the all-reduce (distributed accumulation)
     step_time_s: float  # one micro-batch step with its optimizer step
     update_time_s: float  # accum x fwd_bwd + optimizer
     samples_per_s: float
@@ -84,6 +86,7 @@ class Row:
             "peak_fraction": _round(self.peak_fraction, 4),
             "fwd_bwd_time_s": self.fwd_bwd_time_s,
             "optimizer_time_s": self.optimizer_time_s,
+            "fwd_bwd_nosync_time_s": self.fwd_bwd_nosync_time_s,
             "step_time_s": self.step_time_s,
             "update_time_s": self.update_time_s,
             "samples_per_s": self.samples_per_s,
@@ -180,9 +183,14 @@ def optimizer_steps(total_samples: float, global_batch: int) -> int:
     return math.ceil(total_samples / global_batch)
 
 
-def update_time_s(accum: int, fwd_bwd_s: float, optimizer_s: float) -> float:
-    """One optimizer update: accum forward+backward passes, then one optimizer step."""
-    return accum * fwd_bwd_s + optimizer_s
+def update_time_s(
+    accum: int, fwd_bwd_s: float, optimizer_s: float, fwd_bwd_nosync_s: float | None = None
+) -> float:
+    """One optimizer update: accum forward+backward passes, then one optimizer step. Under
+    data parallelism the first accum - 1 passes skip the gradient all-reduce (no_sync)."""
+    if fwd_bwd_nosync_s is None:
+        return accum * fwd_bwd_s + optimizer_s
+    return (accum - 1) * fwd_bwd_nosync_s + fwd_bwd_s + optimizer_s
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -191,7 +199,7 @@ def update_time_s(accum: int, fwd_bwd_s: float, optimizer_s: float) -> float:
 def make_row(m: Measurement, s: PlanSettings) -> Row:
     accum = grad_accum_steps(s.target_global_batch, m.micro_batch_size, s.world_size)
     global_batch = realised_global_batch(m.micro_batch_size, accum, s.world_size)
-    t_update = update_time_s(accum, m.fwd_bwd_s, m.optimizer_s)
+    t_update = update_time_s(accum, m.fwd_bwd_s, m.optimizer_s, m.fwd_bwd_nosync_s)
     samples_per_s = global_batch / t_update
     lr = ratio = None
     if s.base_lr is not None and s.base_batch_size is not None:
@@ -201,7 +209,7 @@ def make_row(m: Measurement, s: PlanSettings) -> Row:
     level = warmup_level(ratio) if s.lr_rule != "none" else "none"
     steps = optimizer_steps(s.total_samples, global_batch) if s.total_samples else None
     mfu = None
-    if m.flops is not None and s.peak_flops:
+    if m.flops is not None and s.peak_flops:  # per device: its own FLOPs over its own peak
         mfu = accum * m.flops / (t_update * s.peak_flops)
     fraction = None
     if m.peak_bytes is not None and s.limit_bytes:
@@ -214,6 +222,7 @@ def make_row(m: Measurement, s: PlanSettings) -> Row:
         peak_fraction=fraction,
         fwd_bwd_time_s=m.fwd_bwd_s,
         optimizer_time_s=m.optimizer_s,
+        fwd_bwd_nosync_time_s=m.fwd_bwd_nosync_s,
         step_time_s=m.fwd_bwd_s + m.optimizer_s,
         update_time_s=t_update,
         samples_per_s=samples_per_s,

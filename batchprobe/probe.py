@@ -194,18 +194,26 @@ def clean(backend: Backend, collect: bool = True) -> None:
     backend.empty_cache()
 
 
-def _run_steps(step: TrainStep, batch_size: int, steps: int) -> None:
+def _run_steps(step: TrainStep, batch_size: int, steps: int, dry_run: bool) -> None:
     # Its own frame: when it unwinds, the batch and activations go with it.
     step.begin()
     batch = step.make_batch(batch_size)
+    if dry_run:  # full steps without gradient synchronization: no collective at all
+        for _ in range(steps):
+            with step.no_sync():
+                step.forward_backward(batch)
+            step.optimizer_step()
+        return
     for _ in range(steps):
         step.train_step(batch)
 
 
-def run_probe(step: TrainStep, backend: Backend, batch_size: int, steps: int = 2) -> ProbeResult:
+def run_probe(
+    step: TrainStep, backend: Backend, batch_size: int, steps: int = 2, dry_run: bool = False
+) -> ProbeResult:
     """One probe: `steps` full training steps at `batch_size`, then recovery. Never raises for
     OOM/limit/model errors (they become the outcome); KeyboardInterrupt passes through after
-    cleanup."""
+    cleanup. `dry_run`: the steps under no_sync, without collectives (the distributed pre-check)."""
     clean(backend, collect=False)
     failure: Failure | None = None
     started = time.perf_counter()
@@ -213,7 +221,7 @@ def run_probe(step: TrainStep, backend: Backend, batch_size: int, steps: int = 2
     retained = 0
     try:
         with backend.track(step) as meter:
-            _run_steps(step, batch_size, steps)
+            _run_steps(step, batch_size, steps, dry_run)
             backend.synchronize()
     except Exception as exc:
         failure = classify(exc)
@@ -263,6 +271,7 @@ class FindMaxResult:
     warnings: list[str] = field(default_factory=list)
     guess: int | None = None  # the estimate the search started from (strategy estimate)
     poisoned: bool = False  # an in-process probe hit a sticky device error
+    world_size: int = 1  # ranks that probed together (torchrun)
 
     @property
     def max_batch_size(self) -> int | None:
@@ -305,6 +314,7 @@ def find_max(
     known: Mapping[int, int] | None = None,
     guess: int | None = None,
     isolate: Callable[[], Callable[[int], ProbeResult]] | None = None,
+    limit_bytes: int | None = None,
 ) -> FindMaxResult:
     """Drive a search strategy with real probes. Ctrl-C ends it with the probes made so far.
 
@@ -314,13 +324,14 @@ def find_max(
     when an in-process probe hits a sticky device error (the probe is run again, isolated) or
     leaves memory behind after a failure.
     """
-    limit = backend.budget_bytes or backend.free_bytes_at_start
+    limit = limit_bytes or backend.budget_bytes or backend.free_bytes_at_start
     name = strategy if strategy != "auto" else ("predict" if limit else "doubling")
     gen = make_strategy(name, start, cap, limit, guess)
     run = prober or (lambda b: run_probe(step, backend, b, steps))
     probes: list[ProbeResult] = []
     warnings: list[str] = []
     interrupted = poisoned = False
+    steady = -1  # bytes every completed probe leaves behind (set by the first)
     started = time.perf_counter()
     try:
         b = next(gen)
@@ -336,7 +347,12 @@ def find_max(
                     on_start(b)
                 result = run(b)
                 sticky = result.failure is not None and result.failure.sticky
-                leaked = result.retained_bytes > 0 and result.failure is not None
+                # Some wrappers keep buffers from one step to the next (FSDP): what every
+                # completed probe leaves is their steady state; more than that is a leak.
+                if result.failure is None and steady < 0:
+                    steady = result.retained_bytes  # set by the first completed probe
+                extra = result.retained_bytes - max(steady, 0)
+                leaked = extra > 0 and result.failure is not None
                 if (sticky or leaked) and isolate is not None and not result.isolated:
                     why = (
                         f"a sticky device error at batch {b} ({result.failure.message})"  # type: ignore[union-attr]
@@ -348,10 +364,10 @@ def find_max(
                     if sticky:  # this process can no longer tell: ask a fresh one
                         poisoned = True
                         result = run(b)
-                elif result.retained_bytes > 0:
+                elif extra > 0:
                     warnings.append(
-                        f"probe at batch {b} left {result.retained_bytes} bytes allocated after "
-                        "recovery; later probes may see less memory (try --isolate)"
+                        f"probe at batch {b} left {extra} bytes allocated after recovery; later "
+                        "probes may see less memory (try --isolate)"
                     )
             probes.append(result)
             if on_probe is not None:

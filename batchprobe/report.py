@@ -187,6 +187,8 @@ def find_max_json(result: FindMaxResult, source: str) -> dict[str, Any]:
         "interrupted": result.interrupted,
         "warnings": list(result.warnings),
     }
+    if result.world_size > 1:
+        out["world_size"] = result.world_size
     if error is not None and error.failure is not None:
         out["error"] = {
             "batch_size": error.batch_size,
@@ -478,7 +480,8 @@ def plan_chart(plan: Plan, width: int = 24) -> Table:
 
 PLAN_COLUMNS = (
     "micro_batch_size", "grad_accum_steps", "global_batch_size", "peak_bytes", "peak_fraction",
-    "fwd_bwd_time_s", "optimizer_time_s", "step_time_s", "update_time_s", "samples_per_s",
+    "fwd_bwd_time_s", "optimizer_time_s", "fwd_bwd_nosync_time_s", "step_time_s", "update_time_s",
+    "samples_per_s",
     "tokens_per_s", "mfu", "lr", "warmup", "warmup_steps", "optimizer_steps", "projected_seconds",
     "within_headroom", "divides_exactly", "timing_spread",
 )  # fmt: skip

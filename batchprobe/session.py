@@ -16,6 +16,8 @@ from typing import Any
 
 from batchprobe.backends import Backend, get_backend
 from batchprobe.build import Workload, build_workload, quiet_warnings
+from batchprobe.distributed import Dist, world_size_from_env
+from batchprobe.errors import Problem, SpecError
 from batchprobe.estimate import (
     CUDA_BLOCK_BYTES,
     Allowance,
@@ -39,7 +41,7 @@ from batchprobe.search import Outcome
 from batchprobe.spec import Spec
 from batchprobe.step import TrainStep
 from batchprobe.timing import StepTiming, flops_per_sample, time_steps
-from batchprobe.units import MemorySize, format_bytes
+from batchprobe.units import MemorySize, format_bytes, parse_memory_size
 
 GPU_FRAGMENTATION = 0.05  # allocator rounding past 512 B blocks, fragmentation
 GPU_CONTEXT_BYTES = 512 * 1024**2  # CUDA context + cuBLAS/cuDNN workspaces, outside the allocator
@@ -78,11 +80,39 @@ class Session:
     _tracer: Tracer | None = field(default=None, repr=False)
     #: an in-process probe hit a sticky device error: this process cannot run the model any more
     poisoned: bool = False
+    #: under torchrun: the process groups and the agreement
+    dist: Dist | None = None
 
     @property
     def limit_bytes(self) -> int | None:
-        """What a probe may use: the budget, else the free memory at start."""
-        return self.backend.budget_bytes or self.backend.free_bytes_at_start
+        """What a probe may use: the budget, else the free memory at start (under torchrun, the
+        smallest over ranks)."""
+        limit = self.backend.budget_bytes or self.backend.free_bytes_at_start
+        return self.dist.agree_min(limit) if self.dist is not None else limit
+
+    def probe(self, batch_size: int) -> ProbeResult:
+        """One probe; under torchrun on every rank in lockstep, its outcome agreed."""
+        steps = self.spec.probe.steps
+        if self.dist is not None:
+            return self.dist.probe(self.step, self.backend, batch_size, steps)
+        return run_probe(self.step, self.backend, batch_size, steps)
+
+    def time(self, batch_size: int) -> StepTiming:
+        """Timed steps; under torchrun the slowest rank's figures, no_sync passes included."""
+        timing = time_steps(
+            self.step,
+            self.backend,
+            batch_size,
+            min_time_s=self.spec.plan.min_time_s,
+            nosync=self.dist is not None,
+            any_rank=self.dist.any_rank if self.dist is not None else None,
+        )
+        return self.dist.agree_timing(timing) if self.dist is not None else timing
+
+    def _prober(self) -> Callable[[int], ProbeResult] | None:
+        if self.dist is not None:
+            return self.probe
+        return self.isolated_prober() if self.spec.probe.isolate else None
 
     # -- find-max ---------------------------------------------------------------------------
     def find_max(
@@ -92,10 +122,16 @@ class Session:
     ) -> FindMaxResult:
         p = self.spec.probe
         strategy, guess, notes = p.strategy, None, []
+        limit = self.limit_bytes
         # auto: start from the fake-tensor estimate when there is a limit to estimate against
         # (2 real probes when it is right); the predictive search when the model cannot be traced
-        if strategy == "estimate" or (strategy == "auto" and self.limit_bytes):
-            guess, note = self._estimated_boundary()
+        if strategy == "estimate" or (strategy == "auto" and limit):
+            guess, note = self._estimated_boundary(limit)
+            if self.dist is not None and self.dist.parallel == "fsdp":
+                # the trace is of the unsharded model: no guide to a rank's share
+                guess, note = None, "FSDP: searched with probes alone (the trace is unsharded)"
+            if self.dist is not None:  # every rank must start from the same size
+                guess = self.dist.agree_min(guess)
             strategy = "estimate" if guess is not None else "predict"
             if note:
                 notes.append(note)
@@ -109,9 +145,11 @@ class Session:
             on_start=on_start,
             on_probe=on_probe,
             guess=guess,
-            prober=self.isolated_prober() if p.isolate else None,
-            isolate=self.isolated_prober,
+            prober=self._prober(),
+            isolate=self.isolated_prober if self.dist is None else None,
+            limit_bytes=limit,
         )
+        result.world_size = self.dist.world_size if self.dist is not None else 1
         self.poisoned = self.poisoned or result.poisoned
         result.warnings[:0] = notes
         result.guess = guess
@@ -126,6 +164,11 @@ class Session:
         limit = limit or self.limit_bytes
         if not limit:
             return None, "no memory limit known: searched with probes alone"
+        if self.dist is not None and self.dist.parallel == "ddp":
+            # DDP keeps a flat copy of the gradients in its buckets, outside the traced model
+            limit -= sum(
+                p.numel() * p.element_size() for p in self.step.parameters() if p.requires_grad
+            )
         try:
             if self._tracer is None:
                 self._tracer = Tracer(self.spec, self.allowance(fixed=False), self.spec.probe.steps)
@@ -170,7 +213,7 @@ class Session:
             run.interrupted = True
         run.plan = make_plan(self._measurements(run), self.plan_settings(run))
         world = self.world_size()
-        if world > 1 and int(os.environ.get("WORLD_SIZE", "1") or 1) != world:
+        if world > 1 and world_size_from_env() != world:
             run.warnings.append(
                 f"projected for {world} ranks from one device's timings: the gradient all-reduce "
                 "is not in the figures (run under torchrun to measure it)"
@@ -202,7 +245,7 @@ class Session:
             if progress.on_candidate:
                 progress.on_candidate(b, i, len(candidates))
             if b not in run.peaks:
-                probe = run_probe(self.step, self.backend, b, self.spec.probe.steps)
+                probe = self.probe(b)
                 if probe.outcome is not Outcome.FIT:
                     run.warnings.append(
                         f"micro-batch {b} did not fit when measured again ({probe.outcome}); "
@@ -220,7 +263,7 @@ class Session:
     def _time(self, run: PlanRun, b: int) -> StepTiming | None:
         failure = None
         try:
-            return time_steps(self.step, self.backend, b, min_time_s=self.spec.plan.min_time_s)
+            return self.time(b)
         except Exception as exc:
             failure = classify(exc)
         if failure.outcome is Outcome.ERROR:
@@ -263,6 +306,8 @@ class Session:
                 on_start=progress.on_probe_start,
                 on_probe=progress.on_probe,
                 known={b: p.peak_bytes for b, p in run.peaks.items() if p.peak_bytes is not None},
+                prober=self._prober(),
+                limit_bytes=cap,
             )
         finally:
             self._restore_budget(*saved)
@@ -310,6 +355,7 @@ class Session:
                     optimizer_s=t.optimizer_s,
                     spread=t.spread,
                     flops=flops,
+                    fwd_bwd_nosync_s=t.fwd_bwd_nosync_s,
                 )
             )
         return out
@@ -317,7 +363,7 @@ class Session:
     def world_size(self) -> int:
         if self.spec.plan.num_gpus is not None:
             return self.spec.plan.num_gpus
-        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+        return world_size_from_env()
 
     def plan_settings(self, run: PlanRun) -> PlanSettings:
         spec, plan = self.spec, self.spec.plan
@@ -370,18 +416,71 @@ class Session:
 
 
 def _token_error(key: str) -> Exception:
-    from batchprobe.errors import Problem, SpecError
-
     return SpecError([Problem(key, "needs token inputs (inputs.kind: tokens with seq_len)")])
 
 
 def open_session(spec: Spec) -> Session:
-    """Pick the device, set the budget, build the model on it."""
-    backend = get_backend(spec.probe.device)
-    backend.set_budget(spec.probe.memory_budget)
+    """Pick the device, set the budget, build the model on it; under torchrun (WORLD_SIZE > 1)
+    join the process group and wrap the model as train.parallel says."""
+    world = world_size_from_env()
+    parallel = spec.train.parallel
+    if parallel == "auto":
+        parallel = "ddp" if world > 1 else "none"
+    if parallel != "none" and world == 1:
+        raise SpecError(
+            [Problem("train.parallel", f"{parallel} needs several ranks: run under torchrun")]
+        )
+    if world > 1 and spec.probe.isolate:
+        raise SpecError(
+            [Problem("probe.isolate", "isolated probes are not supported under torchrun")]
+        )
+    device_name = spec.probe.device
+    local_rank = os.environ.get("LOCAL_RANK")
+    if world > 1 and local_rank is not None and device_name in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            device_name = f"cuda:{local_rank}"
+    backend = get_backend(device_name)
+    backend.set_budget(_budget(spec))
+    dist = None
+    if world > 1:
+        dist = Dist.from_env(backend.device.type, parallel, spec.probe.collective_timeout_s)
     with quiet_warnings():
         workload = build_workload(spec, backend.device)
-    return Session(spec, backend, workload, TrainStep(workload, spec.train, backend.device))
+    wrap = None
+    if dist is not None:
+        workload.model = workload.model.to(backend.device)
+        dist.shard(workload.model)
+        wrap = dist.wrap(backend.device)
+    step = TrainStep(workload, spec.train, backend.device, wrap=wrap)
+    if dist is not None and dist.parallel == "fsdp":
+        _materialize_lazy_state(step)
+    return Session(spec, backend, workload, step, dist=dist)
+
+
+def _materialize_lazy_state(step: TrainStep) -> None:
+    """FSDP creates persistent buffers in its first forward: one step at batch 1, outside any
+    probe, so that probes measure what a step needs rather than a one-time set-up."""
+    try:
+        step.begin()
+        step.train_step(step.make_batch(1))
+    finally:
+        step.end()
+
+
+def _budget(spec: Spec) -> MemorySize | None:
+    """The spec's budget, unless BATCHPROBE_MEMORY_BUDGET overrides it for this process (one
+    rank, one node of a mixed cluster)."""
+    override = os.environ.get("BATCHPROBE_MEMORY_BUDGET")
+    if not override:
+        return spec.probe.memory_budget
+    try:
+        return parse_memory_size(override)
+    except ValueError as exc:
+        raise SpecError(
+            [Problem("BATCHPROBE_MEMORY_BUDGET", str(exc), source="environment")]
+        ) from None
 
 
 # --------------------------------------------------------------------------- estimate
@@ -560,7 +659,7 @@ def run_check(
     def probe(b: int) -> ProbeResult:
         if b not in probes:
             say(f"probe at micro-batch {b}")
-            probes[b] = run_probe(session.step, session.backend, b, spec.probe.steps)
+            probes[b] = session.probe(b)
         return probes[b]
 
     def timing(b: int) -> StepTiming | None:
@@ -568,9 +667,7 @@ def run_check(
             if probe(b).outcome is not Outcome.FIT:
                 return None
             say(f"timing micro-batch {b}")
-            timings[b] = time_steps(
-                session.step, session.backend, b, min_time_s=spec.plan.min_time_s
-            )
+            timings[b] = session.time(b)
         return timings[b]
 
     try:
@@ -606,6 +703,8 @@ def _evaluate(
             cap=need - 1,
             strategy="predict",
             steps=p.steps,
+            prober=session._prober(),
+            limit_bytes=session.limit_bytes,
         )
         why = result.failure.kind if result.failure else result.outcome.value
         return CheckOutcome(

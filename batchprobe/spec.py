@@ -118,6 +118,9 @@ class ProbeSpec:
     )
     isolate: bool = field(default=False, metadata=_doc("run each probe in a child process"))
     timeout_s: float = field(default=600.0, metadata=_doc("isolated probe timeout, seconds", gt=0))
+    collective_timeout_s: float = field(
+        default=60.0, metadata=_doc("torchrun: timeout of a probe's collectives, seconds", gt=0)
+    )
 
 
 @dataclass(frozen=True)

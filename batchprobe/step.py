@@ -47,8 +47,10 @@ class TrainStep:
         if any(t.device != device for t in (*self.model.parameters(), *self.model.buffers())):
             self.model = self.model.to(device)
         self.model.train()
-        # What the step calls: a DDP/FSDP wrapper and/or torch.compile around the model.
-        self.runner: nn.Module = wrap(self.model) if wrap is not None else self.model
+        # What the step calls: the model, or a DDP wrapper built afresh by every begin() (its
+        # buckets belong in each probe's peak; its reducer does not survive a failed backward).
+        self.wrap = wrap
+        self.runner: nn.Module = self.model
         self._compiled: Callable[..., Any] | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler: torch.amp.GradScaler | None = None
@@ -71,6 +73,8 @@ class TrainStep:
     def begin(self) -> None:
         """Fresh optimizer and scaler, no gradients: every probe starts from the same state."""
         self.end()
+        if self.wrap is not None:
+            self.runner = self.wrap(self.model)
         spec = self.train_spec.optimizer
         params = [p for p in self.parameters() if p.requires_grad]
         if spec.name == "sgd":
@@ -88,12 +92,19 @@ class TrainStep:
             self._compiled = torch.compile(self.runner)
 
     def end(self) -> None:
-        """Drop optimizer state and gradients (what a probe created)."""
+        """Drop optimizer state, gradients and the DDP wrapper (what a probe created)."""
         self.optimizer = None
         self.scaler = None
         self._compiled = None
         for p in self.parameters():
             p.grad = None
+        if self.runner is not self.model:
+            # DDP's reducer hooks the parameters' gradients; a wrapper left to the garbage
+            # collector (it sits in reference cycles) would keep reducing on a stale group
+            remove = getattr(self.runner, "_remove_autograd_hooks", None)
+            if remove is not None:
+                remove()
+            self.runner = self.model
 
     # -- one step ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -107,6 +118,15 @@ class TrainStep:
     def make_batch(self, batch_size: int) -> Batch:
         with self._phase("batch"):
             return self.workload.make_batch(batch_size, self.device)
+
+    def no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        """Skip the gradient synchronization, as accumulation steps before the last one do."""
+        runner: Any = self.runner
+        if hasattr(runner, "no_sync"):  # DDP
+            return runner.no_sync()
+        if hasattr(runner, "set_requires_gradient_sync"):  # FSDP2
+            return _fsdp_no_sync(runner)
+        return contextlib.nullcontext()
 
     def forward_backward(self, batch: Batch, loss_divisor: int = 1) -> None:
         """Forward, loss, backward. Divide the loss by `loss_divisor` under accumulation."""
@@ -153,6 +173,15 @@ class TrainStep:
     def train_step(self, batch: Batch) -> None:
         self.forward_backward(batch)
         self.optimizer_step()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(module: Any) -> Iterator[None]:
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
 
 
 def _state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:

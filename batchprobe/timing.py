@@ -30,6 +30,9 @@ class StepTiming:
     spread: float  # (q75 - q25) / median of the step times
     warmup_steps: int
     timed_steps: int
+    #: forward+backward without gradient synchronization (distributed: accumulation steps but
+    #: the last skip the all-reduce); None on one device, where the two are the same
+    fwd_bwd_nosync_s: float | None = None
 
     @property
     def unstable(self) -> bool:
@@ -44,6 +47,7 @@ class StepTiming:
             "spread": round(self.spread, 4),
             "warmup_steps": self.warmup_steps,
             "timed_steps": self.timed_steps,
+            "fwd_bwd_nosync_time_s": self.fwd_bwd_nosync_s,
         }
 
 
@@ -66,8 +70,14 @@ def time_steps(
     min_warmup: int = 3,
     max_warmup: int = 20,
     on_step: Callable[[str, int], None] | None = None,
+    nosync: bool = False,
+    any_rank: Callable[[bool], bool] | None = None,
 ) -> StepTiming:
-    """Time full training steps at `batch_size`. Raises what the step raises (e.g. an OOM)."""
+    """Time full training steps at `batch_size`. Raises what the step raises (e.g. an OOM).
+    `nosync` also times forward+backward under no_sync (the accumulation steps of DDP/FSDP).
+    `any_rank(flag)` is True when the flag is set on any rank: under torchrun every rank must
+    run the same number of steps (each holds a collective), so "go on?" is decided together."""
+    together = any_rank or (lambda flag: flag)
     step.begin()
     try:
         batch = step.make_batch(batch_size)
@@ -80,7 +90,8 @@ def time_steps(
             times.append(backend.elapsed_s(start, end))
             if on_step is not None:
                 on_step("warm-up", len(times))
-            if len(times) >= min_warmup and times[-1] >= 0.97 * min(times[:-1]):
+            still_falling = len(times) < min_warmup or times[-1] < 0.97 * min(times[:-1])
+            if not together(still_falling):
                 break
         warmup = len(times)
         # -- timed steps
@@ -95,12 +106,24 @@ def time_steps(
             marks.append((m0, m1, m2))
             if on_step is not None:
                 on_step("timed", len(marks))
-            if len(marks) >= min_steps and time.perf_counter() - started >= min_time_s:
+            short = len(marks) < min_steps or time.perf_counter() - started < min_time_s
+            if not together(short):
                 break
         backend.synchronize()
         fwd_bwd = [backend.elapsed_s(a, b) for a, b, _ in marks]
         optim = [backend.elapsed_s(b, c) for _, b, c in marks]
         totals = [f + o for f, o in zip(fwd_bwd, optim, strict=True)]
+        nosync_s = None
+        if nosync:
+            pairs = []
+            with step.no_sync():
+                for _ in range(len(marks)):
+                    m0 = backend.mark()
+                    step.forward_backward(batch)
+                    pairs.append((m0, backend.mark()))
+            step.optimizer_step()  # clear the accumulated gradients
+            backend.synchronize()
+            nosync_s = statistics.median(backend.elapsed_s(a, b) for a, b in pairs)
         return StepTiming(
             batch_size=batch_size,
             fwd_bwd_s=statistics.median(fwd_bwd),
@@ -109,6 +132,7 @@ def time_steps(
             spread=relative_spread(totals),
             warmup_steps=warmup,
             timed_steps=len(marks),
+            fwd_bwd_nosync_s=nosync_s,
         )
     finally:
         step.end()

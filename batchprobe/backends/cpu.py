@@ -55,7 +55,9 @@ class CpuMeter(Meter):
         self.ledger = ledger
 
     def retained_bytes(self) -> int:
-        return self.ledger.tagged_bytes(exclude=("parameters",))
+        """Net growth of live bytes since the probe began: new storages still alive, less any
+        persistent storage the probe freed (FSDP, for one, replaces buffers between steps)."""
+        return max(0, self.ledger.live_bytes - self.start_bytes)
 
     def close(self) -> None:
         self.ledger.close()
@@ -98,6 +100,7 @@ class CpuBackend:
         ledger.mark(step.persistent_tensors(), "parameters")
         ledger.mark(extra_roots, "parameters")
         meter = CpuMeter(ledger)
+        meter.start_bytes = ledger.live_bytes
         step.observer = ledger
         try:
             with TrackingMode(ledger):
