@@ -565,7 +565,10 @@ def _resolve_loss(
 def build_workload(spec: Spec, device: torch.device | str = "cpu") -> Workload:
     """Build the model directly on `device` (a real device, 'meta', or under FakeTensorMode)."""
     device = torch.device(device)
-    with torch.device(device):
+    # Seeded, so the random weights (and what is measured on them, such as the noise scale) are
+    # the same from run to run; the caller's RNG state is left as it was.
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
         built = _build_model(spec)
     inputs = resolve_inputs(spec.inputs, built.defaults, spec.model.source)
     base_dir = Path(spec.origin).parent if spec.origin else None

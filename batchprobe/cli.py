@@ -617,6 +617,11 @@ def _finish_plan(
         out.human.print(plan_table(plan))
         out.human.print(plan_chart(plan))
         out.human.print(recommendation_panel(plan))
+    if run.noise is not None:
+        from batchprobe.report import noise_panel
+
+        target = plan.recommended.global_batch_size if plan and plan.recommended else None
+        out.human.print(noise_panel(run.noise, source, target))
     for warning in [*run.warnings, *(plan.warnings if plan else ())]:
         out.human.print(Text(f"warning: {warning}", style="yellow"))
     fm = run.find_max
@@ -858,6 +863,74 @@ def _finish_check(
         raise typer.Exit(EXIT_INTERRUPTED)
     if not run.passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+# ----------------------------------------------------------------------------- noise-scale
+
+
+@app.command("noise-scale")
+def noise_scale_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    device: DeviceOpt = None,
+    memory_budget: BudgetOpt = None,
+    model: ModelOpt = None,
+    small_batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="B_small, samples per micro-batch  [spec: noise.small_batch_size]",
+            show_default=False,
+        ),
+    ] = None,
+    accumulation: Annotated[
+        int | None,
+        typer.Option(
+            help="Micro-batches per big batch  [spec: noise.accumulation]", show_default=False
+        ),
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(help="Big batches averaged  [spec: noise.steps]", show_default=False),
+    ] = None,
+    json_: JsonOpt = False,
+    output: OutputOpt = None,
+) -> None:
+    """Gradient noise scale (the critical batch size) from real batches: B_simple with its uncertainty, and what it means for the choice of batch size.
+
+    Needs a data: section (real batches); refuses synthetic inputs. Try it with configs/noise-linreg.yaml.
+    """
+    out = Out(json_)
+    with _handled(out, "noise-scale"):
+        flags = _flag_values(device=device, memory_budget=memory_budget, model=model)
+        extra = {
+            "noise.small_batch_size": small_batch_size,
+            "noise.accumulation": accumulation,
+            "noise.steps": steps,
+        }
+        flags.update({k: v for k, v in extra.items() if v is not None})
+        spec = _load_spec(config, set_, flags)
+        from batchprobe.errors import Problem, SpecError
+        from batchprobe.report import noise_json, noise_panel, to_json
+        from batchprobe.session import SYNTHETIC_REFUSAL, open_session, run_noise
+
+        if spec.data is None:
+            raise SpecError([Problem("data", SYNTHETIC_REFUSAL)])
+        session = open_session(spec)
+
+        def on_step(i: int, stats: Any) -> None:
+            if i % 10 == 0 or i == spec.noise.steps:
+                b = stats.b_simple()
+                out.err.print(f"[dim]{i}/{spec.noise.steps} big batches: B_simple ≈ {b:,.1f}[/dim]")
+
+        run = run_noise(session, on_step)
+        text = to_json(noise_json(run, spec.model.source))
+        _write_output(out, output, text)
+        if out.json_mode:
+            out.emit_json(text)
+        target = spec.plan.global_batch_size
+        out.human.print(noise_panel(run, spec.model.source, target))
+        if run.stats.stopped == "interrupted":
+            raise typer.Exit(EXIT_INTERRUPTED)
 
 
 # ----------------------------------------------------------------------------- env

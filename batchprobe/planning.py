@@ -76,6 +76,7 @@ class Row:
     within_headroom: bool
     divides_exactly: bool
     spread: float
+    target_global_batch: int
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -237,6 +238,7 @@ def make_row(m: Measurement, s: PlanSettings) -> Row:
         within_headroom=fraction is None or fraction <= s.headroom,
         divides_exactly=global_batch == s.target_global_batch,
         spread=m.spread,
+        target_global_batch=s.target_global_batch,
     )
 
 
@@ -250,7 +252,10 @@ def _cost(row: Row) -> float:
 def recommend(rows: Sequence[Row]) -> tuple[Row | None, str]:
     """Shortest projected wall-clock within headroom — the smallest micro-batch on the plateau
     (within PLATEAU of the best), preferring those whose global batch is exactly the target."""
-    usable = [r for r in rows if r.within_headroom]
+    # a micro-batch that alone overshoots the target global batch changes the optimization
+    usable = [
+        r for r in rows if r.within_headroom and r.global_batch_size < 2 * r.target_global_batch
+    ] or [r for r in rows if r.within_headroom][:1]
     if not usable:
         return None, "no candidate stays within the headroom"
     best = min(_cost(r) for r in usable)

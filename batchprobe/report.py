@@ -22,10 +22,11 @@ from rich.table import Table
 from rich.text import Text
 
 from batchprobe.backends import DeviceInfo
+from batchprobe.noise import samples_factor, steps_factor
 from batchprobe.planning import Plan
 from batchprobe.probe import FindMaxResult, ProbeResult
 from batchprobe.search import Outcome
-from batchprobe.session import CheckRun, EstimateRun, PlanRun
+from batchprobe.session import CheckRun, EstimateRun, NoiseRun, PlanRun
 from batchprobe.units import format_bytes, format_count, format_seconds
 
 OUTCOME_STYLE = {
@@ -512,6 +513,7 @@ def plan_json(run: PlanRun, source: str) -> dict[str, Any]:
         "recommendation_reason": plan.reason if plan else None,
         "warnings": [*fm.warnings, *run.warnings, *(plan.warnings if plan else ())],
         "interrupted": run.interrupted,
+        "noise_scale": noise_json(run.noise, source) if run.noise is not None else None,
         "find_max": find_max_json(fm, source),
         "provenance": {
             "peak_bytes": "measured (full training steps)",
@@ -861,3 +863,81 @@ def check_markdown(run: CheckRun, source: str) -> str:
             f"{_metric_value(o.expectation.name, o.measured)} | {'pass' if o.passed else '**FAIL**'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- noise scale
+
+
+def noise_panel(run: NoiseRun, source: str, target_global: int | None = None) -> Panel:
+    stats = run.stats
+    b = stats.b_simple()
+    err = stats.stderr()
+    text = Text()
+    text.append("Gradient noise scale B_simple ≈ ", style="bold")
+    if not math.isfinite(b) or b <= 0:
+        text.append("not resolved", style="bold yellow")
+        text.append(
+            "\nThe mean gradient is lost in its noise at these batch sizes (|G|² estimate ≤ 0): "
+            "measure with larger noise.small_batch_size / accumulation, or more noise.steps.\n"
+        )
+        return Panel(text, title="noise-scale", title_align="left", expand=False)
+    text.append(f"{b:,.0f}", style="bold green")
+    text.append(f" ± {err:,.0f}" if math.isfinite(err) else " (uncertainty not resolved)")
+    text.append(
+        f"  ({stats.steps} big batches of {stats.big_batch_size} = {stats.small_batch_size} × "
+        f"{stats.big_batch_size // stats.small_batch_size}, at fixed weights; {stats.stopped})\n",
+        style="dim",
+    )
+    text.append(
+        f"|G|² ≈ {stats.g2():.4g}, tr(Σ) ≈ {stats.trace_sigma():.4g} per sample\n", style="dim"
+    )
+    text.append("\nWhat it means: ", style="bold")
+    text.append(
+        f"the critical batch size is about {b:,.0f} samples. Below it, doubling the batch nearly "
+        "halves the optimizer steps — every sample is used well; above it, doubling buys little: "
+        "steps S ≈ S_min (1 + B_noise/B) and samples E ≈ E_min (1 + B/B_noise) "
+        "(McCandlish et al. 2018).\n"
+    )
+    sizes = sorted(
+        {max(1, round(b * f)) for f in (0.25, 0.5, 1, 2, 4, 8)}
+        | ({target_global} if target_global else set())
+    )
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    for col in ("global batch", "× B_noise", "steps vs fewest", "samples vs fewest"):
+        table.add_column(col, justify="right")
+    for size in sizes:
+        table.add_row(
+            f"{size:,}" + (" (target)" if size == target_global else ""),
+            f"{size / b:.2g}",
+            f"{steps_factor(size, b):.2f}×",
+            f"{samples_factor(size, b):.2f}×",
+        )
+    note = Text(
+        "The noise scale grows as training goes on (the gradient shrinks faster than its noise): "
+        "measure again later in training, or set noise.warmup_steps.",
+        style="dim",
+    )
+    return Panel(Group(text, table, note), title="noise-scale", title_align="left", expand=False)
+
+
+def noise_json(run: NoiseRun, source: str) -> dict[str, Any]:
+    """The noise-scale contract (DESIGN.md), plus the parts of the estimate."""
+    stats = run.stats
+    b = stats.b_simple()
+    err = stats.stderr()
+    finite = math.isfinite(b) and b > 0
+    return {
+        "command": "noise-scale",
+        **device_dict(run.device),
+        "model": source,
+        "b_simple": b if finite else None,
+        "b_simple_stderr": err if finite and math.isfinite(err) else None,
+        "steps": stats.steps,
+        "g2": stats.g2() if stats.steps else None,
+        "trace_sigma": stats.trace_sigma() if stats.steps else None,
+        "small_batch_size": stats.small_batch_size,
+        "big_batch_size": stats.big_batch_size,
+        "stopped": stats.stopped,
+        "seconds": round(run.seconds, 3),
+        "provenance": "measured: two-batch estimator (McCandlish et al. 2018, App. A), bootstrap stderr",
+    }

@@ -10,14 +10,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from batchprobe.backends import Backend, get_backend
-from batchprobe.build import Workload, build_workload, quiet_warnings
+from batchprobe.build import Batch, Workload, build_workload, import_object, quiet_warnings
 from batchprobe.distributed import Dist, world_size_from_env
-from batchprobe.errors import Problem, SpecError
+from batchprobe.errors import ModelError, Problem, SpecError
 from batchprobe.estimate import (
     CUDA_BLOCK_BYTES,
     Allowance,
@@ -28,6 +29,9 @@ from batchprobe.estimate import (
 )
 from batchprobe.gpus import lookup, match_device_name
 from batchprobe.isolate import IsolatedProber
+from batchprobe.noise import NoiseStats
+from batchprobe.noise import batches as noise_batches
+from batchprobe.noise import measure as measure_noise
 from batchprobe.planning import Measurement, Plan, PlanSettings, make_plan, resolve_lr_rule
 from batchprobe.probe import (
     FindMaxResult,
@@ -69,6 +73,10 @@ class PlanRun:
     headroom_batch_size: int | None = None
     interrupted: bool = False
     warnings: list[str] = field(default_factory=list)
+    noise: NoiseRun | None = None  # when the spec has real data
+
+
+NOISE_WARNING_RATIO = 4  # a global batch this many times B_noise needs 5x the minimal samples
 
 
 @dataclass
@@ -196,8 +204,14 @@ class Session:
     def plan(self, progress: PlanProgress | None = None) -> PlanRun:
         progress = progress or PlanProgress()
         self._check_plan_inputs()
+        noise = None
+        if self.spec.data is not None and self.dist is None:
+            # first, at the model's initial weights: probes and timing train on random inputs
+            if progress.on_phase:
+                progress.on_phase("noise-scale")
+            noise = run_noise(self)
         fm = self.find_max(on_start=progress.on_probe_start, on_probe=progress.on_probe)
-        run = PlanRun(find_max=fm, plan=None)
+        run = PlanRun(find_max=fm, plan=None, noise=noise)
         if fm.max_batch_size is None or fm.interrupted or fm.error is not None:
             run.interrupted = fm.interrupted
             return run
@@ -211,7 +225,18 @@ class Session:
             self._measure(run, progress)
         except KeyboardInterrupt:
             run.interrupted = True
+        run.noise = noise
         run.plan = make_plan(self._measurements(run), self.plan_settings(run))
+        if run.noise is not None and run.plan.recommended is not None:
+            b = run.noise.b_simple
+            target = run.plan.recommended.global_batch_size
+            if 0 < b < target / NOISE_WARNING_RATIO:
+                run.warnings.append(
+                    f"the global batch {target} is {target / b:.0f}x the measured gradient noise "
+                    f"scale (~{b:,.0f}): far past the critical batch size, doubling it barely "
+                    "cuts the optimizer steps and multiplies the samples needed "
+                    f"({1 + target / b:.1f}x the fewest; McCandlish et al. 2018)"
+                )
         world = self.world_size()
         if world > 1 and world_size_from_env() != world:
             run.warnings.append(
@@ -782,3 +807,61 @@ def _measure_baseline(
         "max_batch_size": fm.max_batch_size,
         "measurements": measurements,
     }
+
+
+# --------------------------------------------------------------------------- noise scale
+
+SYNTHETIC_REFUSAL = (
+    "the gradient noise scale needs real data (a data: section with source: pkg.module:factory). "
+    "Random synthetic inputs carry no signal to learn: their gradient is pure noise, so B_noise "
+    "would measure nothing about your task"
+)
+
+
+@dataclass
+class NoiseRun:
+    stats: NoiseStats
+    seconds: float
+    device: Any
+
+    @property
+    def b_simple(self) -> float:
+        return self.stats.b_simple()
+
+
+def data_batches(session: Session, batch_size: int) -> Iterator[Batch]:
+    """Real batches from the spec's data: section, wired like the spec's inputs."""
+    data = session.spec.data
+    if data is None:
+        raise SpecError([Problem("data", SYNTHETIC_REFUSAL)])
+    base = Path(session.spec.origin).parent if session.spec.origin else None
+    source = import_object(data.source, "data.source", base)
+    collate = import_object(data.collate, "data.collate", base) if data.collate else None
+    return noise_batches(source, batch_size, session.backend.device, data.kwargs, collate)
+
+
+def run_noise(
+    session: Session, on_step: Callable[[int, NoiseStats], None] | None = None
+) -> NoiseRun:
+    """B_simple from the spec's data: micro-batch gradients of noise.small_batch_size, their
+    accumulated mean as the big batch."""
+    import time as _time
+
+    n = session.spec.noise
+    if session.dist is not None:
+        raise SpecError([Problem("noise", "noise-scale runs on one device, not under torchrun")])
+    started = _time.perf_counter()
+    source = data_batches(session, n.small_batch_size)
+    try:
+        stats = measure_noise(
+            session.step,
+            source,
+            n.small_batch_size,
+            n.accumulation,
+            n.steps,
+            n.warmup_steps,
+            on_step,
+        )
+    except TypeError as exc:  # a batch of the wrong shape of thing
+        raise ModelError(f"data.source: {exc}") from None
+    return NoiseRun(stats, _time.perf_counter() - started, session.backend.info())

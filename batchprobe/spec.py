@@ -226,15 +226,15 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class NoiseSpec:
-    small_batch_size: int | None = field(
-        default=None, metadata=_doc("B_small; default: max batch / 8, at least 1", min=1)
+    small_batch_size: int = field(
+        default=8, metadata=_doc("B_small: samples per micro-batch gradient", min=1)
     )
     accumulation: int = field(
         default=8, metadata=_doc("micro-batches per big batch: B_big = B_small x this", min=2)
     )
-    steps: int = field(default=30, metadata=_doc("big batches averaged", min=2))
+    steps: int = field(default=100, metadata=_doc("big batches averaged", min=2))
     warmup_steps: int = field(
-        default=0, metadata=_doc("training steps taken before measuring", min=0)
+        default=0, metadata=_doc("optimizer steps of training before measuring", min=0)
     )
 
 
