@@ -122,3 +122,13 @@ def test_to_dict_round_trips() -> None:
 
     again = load_spec(text=json.dumps(spec.to_dict()))  # JSON is YAML
     assert again.to_dict() == spec.to_dict()
+
+
+def test_readme_documents_every_key_and_command() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [path for path, _, _ in describe_keys() if f"`{path}`" not in readme]
+    assert not missing, f"README.md does not document: {missing}"
+    from batchprobe.cli import app
+
+    for command in app.registered_commands:
+        assert f"batchprobe {command.name}" in readme
