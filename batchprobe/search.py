@@ -40,26 +40,40 @@ class Observation:
 StrategyGen = Generator[int, Observation, None]
 
 
+@dataclass
+class _Bracket:
+    """lo: the largest size that fit (0: none yet); hi: the smallest that did not (None: none)."""
+
+    cap: int
+    lo: int = 0
+    hi: int | None = None
+
+    def record(self, b: int, obs: Observation) -> bool:
+        """Take in a probe's outcome; True when the search is over."""
+        if obs.outcome is Outcome.ERROR:
+            return True
+        if obs.outcome is Outcome.FIT:
+            self.lo = b
+            if b >= self.cap:
+                return True
+        else:
+            self.hi = b
+        return self.hi is not None and self.hi - self.lo <= 1
+
+    @property
+    def middle(self) -> int:
+        assert self.hi is not None
+        return (self.lo + self.hi) // 2
+
+
 def doubling(start: int, cap: int) -> StrategyGen:
     """Double from `start` until the first non-fit, then bisect to the exact boundary."""
-    lo, hi = 0, None
+    br = _Bracket(cap)
     b = min(start, cap)
     while True:
-        obs = yield b
-        if obs.outcome is Outcome.ERROR:
+        if br.record(b, (yield b)):
             return
-        if obs.outcome is Outcome.FIT:
-            lo = b
-            if b >= cap:
-                return
-        else:
-            hi = b
-        if hi is None:
-            b = min(2 * b, cap)
-            continue
-        if hi - lo <= 1:
-            return
-        b = (lo + hi) // 2
+        b = min(2 * b, cap) if br.hi is None else br.middle
 
 
 def predictive(start: int, cap: int, limit_bytes: int) -> StrategyGen:
@@ -77,26 +91,19 @@ def predictive(start: int, cap: int, limit_bytes: int) -> StrategyGen:
       try fails to halve the bracket, so the worst case stays logarithmic.
     Predictions are only places to look: the answer is always a tested size with `hi == lo + 1`.
     """
-    lo, hi = 0, None
+    br = _Bracket(cap)
     fits: list[tuple[int, int]] = []  # (batch, growing part of the peak) of sizes that fit
     b = min(start, cap)
     bisect_next = False
     while True:
-        width_before = None if hi is None else hi - lo
+        width_before = None if br.hi is None else br.hi - br.lo
         obs = yield b
-        if obs.outcome is Outcome.ERROR:
+        if obs.outcome is Outcome.FIT and obs.peak_bytes is not None:
+            line = obs.line_bytes if obs.line_bytes is not None else obs.peak_bytes
+            fits.append((b, line))
+        if br.record(b, obs):
             return
-        if obs.outcome is Outcome.FIT:
-            lo = b
-            if obs.peak_bytes is not None:
-                line = obs.line_bytes if obs.line_bytes is not None else obs.peak_bytes
-                fits.append((b, line))
-            if b >= cap:
-                return
-        else:
-            hi = b
-        if hi is not None and hi - lo <= 1:
-            return
+        lo, hi = br.lo, br.hi
         if hi is not None and lo == 0:  # even the first size failed: no peaks to go on
             b = hi // 2
             continue
@@ -160,27 +167,18 @@ def _predict(fits: Sequence[tuple[int, int]], limit_bytes: int) -> int | None:
 def seeded(guess: int, cap: int) -> StrategyGen:
     """Start at a guess (e.g. from a fake-tensor estimate), step outward by 1, 2, 4, ... until the
     boundary is bracketed, then bisect: 2 probes when the guess is right, O(log error) when not."""
-    lo, hi = 0, None
+    br = _Bracket(cap)
     b = min(max(guess, 1), cap)
     step = 1
     while True:
-        obs = yield b
-        if obs.outcome is Outcome.ERROR:
+        if br.record(b, (yield b)):
             return
-        if obs.outcome is Outcome.FIT:
-            lo = b
-            if b >= cap:
-                return
+        if br.hi is None:
+            b = min(br.lo + step, cap)
+        elif br.lo == 0:
+            b = max(br.hi - step, 1)
         else:
-            hi = b
-        if hi is not None and hi - lo <= 1:
-            return
-        if hi is None:
-            b = min(lo + step, cap)
-        elif lo == 0:
-            b = max(hi - step, 1)
-        else:
-            b = (lo + hi) // 2
+            b = br.middle
             continue
         step *= 2
 

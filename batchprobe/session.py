@@ -459,14 +459,8 @@ def open_session(spec: Spec) -> Session:
         raise SpecError(
             [Problem("probe.isolate", "isolated probes are not supported under torchrun")]
         )
-    device_name = spec.probe.device
-    local_rank = os.environ.get("LOCAL_RANK")
-    if world > 1 and local_rank is not None and device_name in ("auto", "cuda"):
-        import torch
-
-        if torch.cuda.is_available():
-            device_name = f"cuda:{local_rank}"
-    backend = get_backend(device_name)
+    local_rank = os.environ.get("LOCAL_RANK") if world > 1 else None
+    backend = get_backend(spec.probe.device, int(local_rank) if local_rank else None)
     backend.set_budget(_budget(spec))
     dist = None
     if world > 1:

@@ -105,3 +105,24 @@ def test_summarize_partial_run() -> None:
     probes = [(1, Observation(Outcome.FIT)), (2, Observation(Outcome.FIT))]
     result = summarize(probes, cap=1000, interrupted=True)
     assert result.best == 2 and not result.exact and result.stopped == "interrupted"
+
+
+def test_seeded_search_from_a_right_guess_takes_two_probes() -> None:
+    from batchprobe.search import seeded
+
+    def run(guess: int, boundary: int) -> list[int]:
+        gen = seeded(guess, cap=65536)
+        tried = []
+        b = next(gen)
+        try:
+            while True:
+                tried.append(b)
+                b = gen.send(Observation(Outcome.FIT if b <= boundary else Outcome.OOM))
+        except StopIteration:
+            return tried
+
+    assert run(37, 37) == [37, 38]
+    assert run(40, 37) == [40, 39, 37, 38]  # steps down by 1, 2, then bisects
+    assert run(30, 37) == [30, 31, 33, 37, 45, 41, 39, 38]
+    assert run(5, 1) == [5, 4, 2, 1]
+    assert run(3, 0) == [3, 2, 1]

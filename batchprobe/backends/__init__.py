@@ -35,8 +35,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: str, local_rank: int | None = None) -> Backend:
+    """The backend for a device name; under torchrun (`local_rank`), auto/cuda mean this rank's
+    GPU, cuda:LOCAL_RANK."""
     device = resolve_device(name)
+    if local_rank is not None and device.type == "cuda" and device.index is None:
+        device = resolve_device(f"cuda:{local_rank}")
     if device.type == "cuda":
         from batchprobe.backends.cuda import CudaBackend
 
