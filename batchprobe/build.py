@@ -84,8 +84,6 @@ class Workload:
     make_batch: BatchFn
     source: str
     has_batchnorm: bool
-    is_adam_family: bool = True
-    enable_checkpointing: Callable[[], None] | None = None
 
     @property
     def num_parameters(self) -> int:
@@ -598,8 +596,6 @@ def build_workload(spec: Spec, device: torch.device | str = "cpu") -> Workload:
         make_batch=make_batch,
         source=spec.model.source,
         has_batchnorm=has_bn,
-        is_adam_family=spec.train.optimizer.name in ("adam", "adamw"),
-        enable_checkpointing=built.enable_checkpointing,
     )
 
 

@@ -53,10 +53,6 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
-def rank_from_env() -> int:
-    return int(os.environ.get("RANK", "0") or 0)
-
-
 @dataclass
 class Dist:
     rank: int

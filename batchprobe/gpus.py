@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-GiB = 1024**3
 MiB = 1024**2
 
 

@@ -12,7 +12,7 @@ The same ledger runs under FakeTensorMode for `estimate`: no compute, no memory,
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,9 +137,6 @@ class StorageLedger:
             self.see(t, tag, enforce=False)
 
     # -- results --------------------------------------------------------------------------
-    def tagged_bytes(self, exclude: Sequence[str] = ()) -> int:
-        return sum(r.nbytes for r in self._live.values() if r.tag not in exclude)
-
     def breakdown(self) -> Breakdown:
         if self._peak_pending:
             self._peak_records = list(self._live.values())

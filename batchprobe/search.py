@@ -183,9 +183,6 @@ def seeded(guess: int, cap: int) -> StrategyGen:
         step *= 2
 
 
-STRATEGIES = ("doubling", "predict", "estimate")
-
-
 def make_strategy(
     name: str, start: int, cap: int, limit_bytes: int | None, guess: int | None = None
 ) -> StrategyGen:

@@ -212,7 +212,3 @@ ZOO: dict[str, ZooEntry] = {
         "linear regression y = w.x (in_features); the noise-scale example",
     ),
 }
-
-
-def describe_zoo() -> list[tuple[str, str]]:
-    return [(f"zoo:{name}", entry.summary) for name, entry in ZOO.items()]
