@@ -130,7 +130,7 @@ class TrainStep:
 
     def forward_backward(self, batch: Batch, loss_divisor: int = 1) -> None:
         """Forward, loss, backward. Divide the loss by `loss_divisor` under accumulation."""
-        model = self._compiled or self.runner
+        model = self._compiled if self._compiled is not None else self.runner
         with self._phase("forward"):
             ctx = (
                 torch.autocast(self.device.type, dtype=self.autocast_dtype)

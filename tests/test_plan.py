@@ -150,3 +150,30 @@ def test_plan_global_tokens_needs_token_inputs() -> None:
     )
     assert result.exit_code == 2
     assert "plan.global_tokens: needs token inputs" in result.stderr
+
+
+def test_mfu_with_a_given_peak(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["plan", "--model", "zoo:gpt", "--device", "cpu", "--memory-budget", "128MiB", "--json",
+         "--peak-tflops", "0.5", "--set", "plan.min_time_s=0.1", "--set", "plan.candidates=[2, 8]"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)["rows"]
+    assert all(0 < r["mfu"] < 1 for r in rows)
+
+
+def test_ctrl_c_during_timing_keeps_the_rows_so_far(tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(
+        app,
+        ["plan", "--model", "user_models:interrupt_after", "--set", "model.kwargs={calls: 120}",
+         "--set", "inputs={kind: tensor, shape: [16], num_classes: 4}", "--device", "cpu",
+         "--memory-budget", "16MiB", "--strategy", "doubling", "--max-batch-size", "8",
+         "--set", "plan.min_time_s=0.01", "--output", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 130, result.stderr
+    data = json.loads(out.read_text())
+    assert data["interrupted"] is True
+    assert data["max_batch_size"] == 8
+    assert 0 < len(data["rows"]) < 4  # some candidates were timed, not all of 1, 2, 4, 8
