@@ -58,14 +58,14 @@ SetOpt = Annotated[
 ]
 DeviceOpt = Annotated[
     str | None,
-    typer.Option(help="auto | cpu | cuda | cuda:N  [spec: probe.device]", show_default=False),
+    typer.Option(help="auto | cpu | cuda | cuda:N  \\[spec: probe.device]", show_default=False),
 ]
 BudgetOpt = Annotated[
     str | None,
     typer.Option(
         "--memory-budget",
         help="Memory cap: 24GiB, 512MB, bytes or a fraction 0.9 of capacity. On CPU a budget is "
-        "always in force (default: half the available RAM).  [spec: probe.memory_budget]",
+        "always in force (default: half the available RAM).  \\[spec: probe.memory_budget]",
         show_default=False,
     ),
 ]
@@ -85,7 +85,7 @@ ModelOpt = Annotated[
     str | None,
     typer.Option(
         help="Model source: zoo:mlp | torchvision:resnet50 | timm:NAME | transformers:gpt2 | "
-        "pkg.module:factory | file.py:factory  [spec: model.source]",
+        "pkg.module:factory | file.py:factory  \\[spec: model.source]",
         show_default=False,
     ),
 ]
@@ -93,50 +93,52 @@ InputOpt = Annotated[
     str | None,
     typer.Option(
         "--input",
-        help="Per-sample input shape, e.g. 3x224x224 or 784  [spec: inputs.shape]",
+        help="Per-sample input shape, e.g. 3x224x224 or 784  \\[spec: inputs.shape]",
         show_default=False,
     ),
 ]
 SeqLenOpt = Annotated[
-    int | None, typer.Option(help="Tokens per sample  [spec: inputs.seq_len]", show_default=False)
+    int | None, typer.Option(help="Tokens per sample  \\[spec: inputs.seq_len]", show_default=False)
 ]
 VocabOpt = Annotated[
     int | None,
     typer.Option(
-        help="Vocabulary size for token inputs  [spec: inputs.vocab_size]", show_default=False
+        help="Vocabulary size for token inputs  \\[spec: inputs.vocab_size]", show_default=False
     ),
 ]
 ClassesOpt = Annotated[
     int | None,
     typer.Option(
-        help="Classes for cross-entropy targets  [spec: inputs.num_classes]", show_default=False
+        help="Classes for cross-entropy targets  \\[spec: inputs.num_classes]", show_default=False
     ),
 ]
 PrecisionOpt = Annotated[
-    str | None, typer.Option(help="fp32 | bf16 | fp16  [spec: train.precision]", show_default=False)
+    str | None,
+    typer.Option(help="fp32 | bf16 | fp16  \\[spec: train.precision]", show_default=False),
 ]
 OptimizerOpt = Annotated[
     str | None,
     typer.Option(
-        help="sgd | adam | adamw | none  [spec: train.optimizer.name]", show_default=False
+        help="sgd | adam | adamw | none  \\[spec: train.optimizer.name]", show_default=False
     ),
 ]
 StartOpt = Annotated[
-    int | None, typer.Option(help="First batch size tried  [spec: probe.start]", show_default=False)
+    int | None,
+    typer.Option(help="First batch size tried  \\[spec: probe.start]", show_default=False),
 ]
 MaxBatchOpt = Annotated[
     int | None,
-    typer.Option(help="Never probe above this  [spec: probe.max_batch_size]", show_default=False),
+    typer.Option(help="Never probe above this  \\[spec: probe.max_batch_size]", show_default=False),
 ]
 StepsOpt = Annotated[
     int | None,
     typer.Option(
-        help="Full training steps per probe, at least 2  [spec: probe.steps]", show_default=False
+        help="Full training steps per probe, at least 2  \\[spec: probe.steps]", show_default=False
     ),
 ]
 StrategyOpt = Annotated[
     str | None,
-    typer.Option(help="auto | doubling | predict  [spec: probe.strategy]", show_default=False),
+    typer.Option(help="auto | doubling | predict  \\[spec: probe.strategy]", show_default=False),
 ]
 
 IsolateOpt = Annotated[
@@ -144,7 +146,7 @@ IsolateOpt = Annotated[
     typer.Option(
         "--isolate",
         help="Run each probe in a child process with a timeout: a SIGKILL, a hang or a sticky "
-        "device error becomes an outcome  [spec: probe.isolate]",
+        "device error becomes an outcome  \\[spec: probe.isolate]",
     ),
 ]
 
@@ -401,63 +403,65 @@ def plan_cmd(
     global_batch_size: Annotated[
         int | None,
         typer.Option(
-            help="Samples per optimizer step  [spec: plan.global_batch_size]", show_default=False
+            help="Samples per optimizer step  \\[spec: plan.global_batch_size]", show_default=False
         ),
     ] = None,
     global_tokens: Annotated[
         int | None,
         typer.Option(
-            help="Tokens per optimizer step  [spec: plan.global_tokens]", show_default=False
+            help="Tokens per optimizer step  \\[spec: plan.global_tokens]", show_default=False
         ),
     ] = None,
     base_lr: Annotated[
         float | None,
         typer.Option(
-            help="LR known to work at --base-batch-size  [spec: plan.base_lr]", show_default=False
+            help="LR known to work at --base-batch-size  \\[spec: plan.base_lr]", show_default=False
         ),
     ] = None,
     base_batch_size: Annotated[
         int | None,
         typer.Option(
-            help="Global batch base_lr was tuned at  [spec: plan.base_batch_size]",
+            help="Global batch base_lr was tuned at  \\[spec: plan.base_batch_size]",
             show_default=False,
         ),
     ] = None,
     lr_scaling: Annotated[
         str | None,
         typer.Option(
-            help="auto | linear | sqrt | none  [spec: plan.lr_scaling]", show_default=False
+            help="auto | linear | sqrt | none  \\[spec: plan.lr_scaling]", show_default=False
         ),
     ] = None,
     dataset_size: Annotated[
         int | None,
-        typer.Option(help="Samples per epoch  [spec: plan.dataset_size]", show_default=False),
+        typer.Option(help="Samples per epoch  \\[spec: plan.dataset_size]", show_default=False),
     ] = None,
     total_tokens: Annotated[
         int | None,
-        typer.Option(help="Tokens in the whole run  [spec: plan.total_tokens]", show_default=False),
+        typer.Option(
+            help="Tokens in the whole run  \\[spec: plan.total_tokens]", show_default=False
+        ),
     ] = None,
     epochs: Annotated[
-        float | None, typer.Option(help="Epochs  [spec: plan.epochs]", show_default=False)
+        float | None, typer.Option(help="Epochs  \\[spec: plan.epochs]", show_default=False)
     ] = None,
     num_gpus: Annotated[
         int | None,
         typer.Option(
-            help="Data-parallel ranks (default WORLD_SIZE, else 1)  [spec: plan.num_gpus]",
+            help="Data-parallel ranks (default WORLD_SIZE, else 1)  \\[spec: plan.num_gpus]",
             show_default=False,
         ),
     ] = None,
     headroom: Annotated[
         float | None,
         typer.Option(
-            help="Keep peak below this fraction of the limit (0.9)  [spec: plan.headroom]",
+            help="Keep peak below this fraction of the limit (0.9)  \\[spec: plan.headroom]",
             show_default=False,
         ),
     ] = None,
     peak_tflops: Annotated[
         float | None,
         typer.Option(
-            help="Device peak TFLOP/s for MFU  [spec: plan.peak_tflops]", show_default=False
+            help="Device peak TFLOP/s for MFU  \\[spec: plan.peak_tflops]", show_default=False
         ),
     ] = None,
     json_: JsonOpt = False,
@@ -659,21 +663,21 @@ def estimate_cmd(
     gpu: Annotated[
         str | None,
         typer.Option(
-            help="Target GPU from the table: h100-80gb, a100-40gb, l4, rtx-4090, ...  [spec: estimate.gpu]",
+            help="Target GPU from the table: h100-80gb, a100-40gb, l4, rtx-4090, ...  \\[spec: estimate.gpu]",
             show_default=False,
         ),
     ] = None,
     capacity: Annotated[
         str | None,
         typer.Option(
-            help="Target capacity, e.g. 80GiB (a GPU)  [spec: estimate.capacity]",
+            help="Target capacity, e.g. 80GiB (a GPU)  \\[spec: estimate.capacity]",
             show_default=False,
         ),
     ] = None,
     fragmentation: Annotated[
         float | None,
         typer.Option(
-            help="GPU allowance on the peak, default 0.05  [spec: estimate.fragmentation]",
+            help="GPU allowance on the peak, default 0.05  \\[spec: estimate.fragmentation]",
             show_default=False,
         ),
     ] = None,
@@ -681,7 +685,7 @@ def estimate_cmd(
         str | None,
         typer.Option(
             "--context",
-            help="GPU fixed allowance (CUDA context, workspaces), default 512MiB  [spec: estimate.context_bytes]",
+            help="GPU fixed allowance (CUDA context, workspaces), default 512MiB  \\[spec: estimate.context_bytes]",
             show_default=False,
         ),
     ] = None,
@@ -763,7 +767,7 @@ def check_cmd(
     tolerance: Annotated[
         float | None,
         typer.Option(
-            help="Relative slack on every expectation (default 0.05)  [spec: check.tolerance]",
+            help="Relative slack on every expectation (default 0.05)  \\[spec: check.tolerance]",
             show_default=False,
         ),
     ] = None,
@@ -776,7 +780,9 @@ def check_cmd(
     ] = False,
     isolate: Annotated[
         bool,
-        typer.Option("--isolate", help="Run each probe in a child process  [spec: probe.isolate]"),
+        typer.Option(
+            "--isolate", help="Run each probe in a child process  \\[spec: probe.isolate]"
+        ),
     ] = False,
     json_: JsonOpt = False,
     output: OutputOpt = None,
@@ -892,19 +898,19 @@ def noise_scale_cmd(
     small_batch_size: Annotated[
         int | None,
         typer.Option(
-            help="B_small, samples per micro-batch  [spec: noise.small_batch_size]",
+            help="B_small, samples per micro-batch  \\[spec: noise.small_batch_size]",
             show_default=False,
         ),
     ] = None,
     accumulation: Annotated[
         int | None,
         typer.Option(
-            help="Micro-batches per big batch  [spec: noise.accumulation]", show_default=False
+            help="Micro-batches per big batch  \\[spec: noise.accumulation]", show_default=False
         ),
     ] = None,
     steps: Annotated[
         int | None,
-        typer.Option(help="Big batches averaged  [spec: noise.steps]", show_default=False),
+        typer.Option(help="Big batches averaged  \\[spec: noise.steps]", show_default=False),
     ] = None,
     json_: JsonOpt = False,
     output: OutputOpt = None,

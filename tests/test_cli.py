@@ -237,3 +237,9 @@ def test_help_lists_every_flag() -> None:
         "--output",
     ]:
         assert flag in result.stdout
+
+
+def test_help_names_the_spec_key_each_flag_sets() -> None:
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["find-max", "--help"])
+    assert "[spec: probe.memory_budget]" in result.stdout
+    assert "[spec: inputs.seq_len]" in result.stdout
