@@ -12,6 +12,7 @@ kernels a GPU runs (no T x T score matrix), since the CPU's math kernel would ma
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from batchprobe.build import build_workload, quiet_warnings
 from batchprobe.errors import ModelError
@@ -91,39 +91,41 @@ class TraceError(Exception):
         self.op = op
 
 
-class _GpuAttention(TorchFunctionMode):
+@contextmanager
+def _fused_attention() -> Iterator[None]:
     """Trace scaled_dot_product_attention as a GPU runs it: a fused kernel that keeps the output
     and its log-sum-exp, never the T x T scores. On CPU the same memory profile comes from the
     CPU flash kernel, which takes neither dropout nor masks: both are dropped for the trace (a
-    GPU's fused kernels draw dropout from a seed and read the mask, storing neither)."""
+    GPU's fused kernels draw dropout from a seed and read the mask, storing neither).
 
-    def __torch_function__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
+    The function itself is swapped for the trace (and put back): a function mode would not be
+    seen by activation checkpointing's recomputation, which must repeat the forward exactly."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-            q, k, v = args[:3]
-            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-            causal = kwargs.get("is_causal", args[5] if len(args) > 5 else False)
-            try:
-                with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                    return func(
-                        q,
-                        k,
-                        v,
-                        is_causal=bool(causal) and mask is None,
-                        scale=kwargs.get("scale"),
-                        enable_gqa=kwargs.get("enable_gqa", False),
-                    )
-            except RuntimeError:
-                pass  # shapes the fused kernel does not take: trace the call as it is
-        return func(*args, **kwargs)
+    original = F.scaled_dot_product_attention
+
+    def fused(q: Any, k: Any, v: Any, attn_mask: Any = None, dropout_p: float = 0.0,
+              is_causal: bool = False, scale: Any = None, enable_gqa: bool = False) -> Any:  # fmt: skip
+        try:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                return original(
+                    q,
+                    k,
+                    v,
+                    is_causal=is_causal and attn_mask is None,
+                    scale=scale,
+                    enable_gqa=enable_gqa,
+                )
+        except RuntimeError:  # shapes the fused kernel does not take: trace the call as it is
+            return original(
+                q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+            )
+
+    F.scaled_dot_product_attention = fused  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 class Tracer:
@@ -153,9 +155,11 @@ class Tracer:
 
     def _trace(self, batch_size: int) -> EstimatePoint:
         ledger = StorageLedger(round_to=self.allowance.round_to, keep_breakdown=True)
-        attention = _GpuAttention() if self.allowance.flash_attention else None
+        attention = (
+            _fused_attention() if self.allowance.flash_attention else contextlib.nullcontext()
+        )
         try:
-            with self.mode, quiet_warnings(), _maybe(attention):
+            with self.mode, quiet_warnings(), attention:
                 ledger.mark(self.step.persistent_tensors(), "parameters")
                 self.step.observer = ledger
                 with TrackingMode(ledger):
@@ -200,15 +204,6 @@ def materialize(model: torch.nn.Module, device: torch.device) -> None:
             if id(buf) not in memo:
                 memo[id(buf)] = torch.empty_like(buf, device=device)
             module._buffers[name] = memo[id(buf)]
-
-
-@contextmanager
-def _maybe(mode: TorchFunctionMode | None) -> Iterator[None]:
-    if mode is None:
-        yield
-    else:
-        with mode:
-            yield
 
 
 _OP_RE = re.compile(r"\b(aten[.:]{1,2}[\w.]+|\w+::\w+)")

@@ -18,7 +18,7 @@ from typing import Any
 from batchprobe.backends import Backend, get_backend
 from batchprobe.build import Batch, Workload, build_workload, import_object, quiet_warnings
 from batchprobe.distributed import Dist, world_size_from_env
-from batchprobe.errors import ModelError, Problem, SpecError
+from batchprobe.errors import DeviceError, ModelError, Problem, SpecError
 from batchprobe.estimate import (
     CUDA_BLOCK_BYTES,
     Allowance,
@@ -560,6 +560,12 @@ def run_estimate(
             spec, capacity, allowance, target, batch_sizes=extra, on_point=on_point
         )
     except TraceError as exc:
+        if spec.estimate.gpu is not None or spec.estimate.capacity is not None:
+            # probes here would answer for this machine, not for the target
+            raise DeviceError(
+                f"the model cannot be traced with fake tensors ({exc.op or exc}), and {target} "
+                "is not here to probe: run `batchprobe find-max` on it"
+            ) from None
         run.trace_error = exc
         session = open_session(spec)
         run.fallback = session.find_max(on_probe=on_probe)

@@ -196,3 +196,40 @@ def test_device_names_match_the_table() -> None:
     assert match_device_name("NVIDIA L4").key == "l4"  # type: ignore[union-attr]
     assert match_device_name("Tesla T4").key == "t4"  # type: ignore[union-attr]
     assert match_device_name("Some Future GPU") is None
+
+
+def test_untraceable_model_for_a_remote_gpu_says_where_to_measure() -> None:
+    result = runner.invoke(
+        app,
+        ["estimate", "--model", "user_models:opaque", "--set", "inputs={kind: tensor, shape: [16], num_classes: 4}",
+         "--gpu", "a100-80gb"],
+    )  # fmt: skip
+    assert result.exit_code == 3
+    assert (
+        "bptest::opaque_double" in result.stderr
+        and "run `batchprobe find-max` on it" in result.stderr
+    )
+
+
+def test_gpu_attention_trace_survives_activation_checkpointing() -> None:
+    text = json.dumps(
+        {
+            # long sequences, small vocabulary: the T x T scores dominate the peak
+            "model": {
+                "source": "zoo:gpt",
+                "kwargs": {
+                    "n_layer": 2,
+                    "n_head": 8,
+                    "block_size": 512,
+                    "vocab_size": 256,
+                    "dropout": 0.1,
+                },
+            },
+            "inputs": {"seq_len": 512},
+            "train": {"gradient_checkpointing": True},
+        }
+    )
+    spec = load_spec(text=text)
+    cpu = Tracer(spec, Allowance()).trace(4).peak_bytes
+    gpu = Tracer(spec, Allowance(flash_attention=True)).trace(4).peak_bytes
+    assert gpu < cpu
