@@ -818,7 +818,8 @@ def check_cmd(
                         )
                     ]
                 )
-        from batchprobe.session import expectations, open_session, run_check
+        from batchprobe.check import expectations, run_check
+        from batchprobe.session import open_session
 
         if not expectations(spec, base) and update_baseline is None:
             raise SpecError(

@@ -22,11 +22,12 @@ from rich.table import Table
 from rich.text import Text
 
 from batchprobe.backends import DeviceInfo
+from batchprobe.check import CheckRun
 from batchprobe.noise import samples_factor, steps_factor
 from batchprobe.planning import Plan
 from batchprobe.probe import FindMaxResult, ProbeResult
 from batchprobe.search import Outcome
-from batchprobe.session import CheckRun, EstimateRun, NoiseRun, PlanRun
+from batchprobe.session import EstimateRun, NoiseRun, PlanRun
 from batchprobe.units import format_bytes, format_count, format_seconds
 
 OUTCOME_STYLE = {

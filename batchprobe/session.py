@@ -117,7 +117,9 @@ class Session:
         )
         return self.dist.agree_timing(timing) if self.dist is not None else timing
 
-    def _prober(self) -> Callable[[int], ProbeResult] | None:
+    def search_prober(self) -> Callable[[int], ProbeResult] | None:
+        """What a search runs per size: the agreed probe under torchrun, an isolated one with
+        probe.isolate, else None (find_max's own in-process probe)."""
         if self.dist is not None:
             return self.probe
         return self.isolated_prober() if self.spec.probe.isolate else None
@@ -153,7 +155,7 @@ class Session:
             on_start=on_start,
             on_probe=on_probe,
             guess=guess,
-            prober=self._prober(),
+            prober=self.search_prober(),
             isolate=self.isolated_prober if self.dist is None else None,
             limit_bytes=limit,
         )
@@ -331,7 +333,7 @@ class Session:
                 on_start=progress.on_probe_start,
                 on_probe=progress.on_probe,
                 known={b: p.peak_bytes for b, p in run.peaks.items() if p.peak_bytes is not None},
-                prober=self._prober(),
+                prober=self.search_prober(),
                 limit_bytes=cap,
             )
         finally:
@@ -570,243 +572,6 @@ def run_estimate(
         session = open_session(spec)
         run.fallback = session.find_max(on_probe=on_probe)
     return run
-
-
-# --------------------------------------------------------------------------- check
-
-
-@dataclass(frozen=True)
-class Expectation:
-    name: str  # max_batch_size | samples_per_s | tokens_per_s | peak_bytes
-    source: str  # spec | baseline
-    value: float
-    micro_batch_size: int | None = None
-
-    @property
-    def minimum(self) -> bool:
-        return self.name != "peak_bytes"
-
-
-@dataclass
-class CheckOutcome:
-    expectation: Expectation
-    tolerance: float
-    measured: float | None
-    passed: bool
-    detail: str = ""
-
-    @property
-    def threshold(self) -> float:
-        e = self.expectation
-        if e.name == "max_batch_size":  # a batch size: the smallest whole size that passes
-            return max(1, math.ceil(e.value * (1 - self.tolerance)))
-        return e.value * (1 - self.tolerance) if e.minimum else e.value * (1 + self.tolerance)
-
-    def to_dict(self) -> dict[str, Any]:
-        e = self.expectation
-        return {
-            "name": e.name if e.micro_batch_size is None else f"{e.name}@{e.micro_batch_size}",
-            "metric": e.name,
-            "source": e.source,
-            "micro_batch_size": e.micro_batch_size,
-            "expected": e.value,
-            "comparison": ">=" if e.minimum else "<=",
-            "threshold": self.threshold,
-            "tolerance": self.tolerance,
-            "measured": self.measured,
-            "passed": self.passed,
-            "detail": self.detail,
-        }
-
-
-@dataclass
-class CheckRun:
-    outcomes: list[CheckOutcome]
-    device: Any
-    seconds: float
-    baseline: dict[str, Any] | None = None  # what --update-baseline writes
-    interrupted: bool = False
-
-    @property
-    def passed(self) -> bool:
-        return all(o.passed for o in self.outcomes) and not self.interrupted
-
-
-def expectations(spec: Spec, baseline: dict[str, Any] | None) -> list[Expectation]:
-    """From the spec's check section and from a baseline written by --update-baseline."""
-    c = spec.check
-    out: list[Expectation] = []
-    if c.min_max_batch_size is not None:
-        out.append(Expectation("max_batch_size", "spec", c.min_max_batch_size))
-    if c.min_samples_per_s is not None:
-        t = c.min_samples_per_s
-        out.append(Expectation("samples_per_s", "spec", t.value, t.micro_batch_size))
-    if c.min_tokens_per_s is not None:
-        t = c.min_tokens_per_s
-        out.append(Expectation("tokens_per_s", "spec", t.value, t.micro_batch_size))
-    if c.max_peak_bytes is not None:
-        out.append(
-            Expectation(
-                "peak_bytes", "spec", c.max_peak_bytes.value, c.max_peak_bytes.micro_batch_size
-            )
-        )
-    if baseline is not None:
-        if baseline.get("max_batch_size"):
-            out.append(Expectation("max_batch_size", "baseline", baseline["max_batch_size"]))
-        for m in baseline.get("measurements", []):
-            for name in ("samples_per_s", "tokens_per_s", "peak_bytes"):
-                if m.get(name) is not None:
-                    out.append(Expectation(name, "baseline", m[name], m["micro_batch_size"]))
-    return out
-
-
-def run_check(
-    session: Session,
-    baseline: dict[str, Any] | None,
-    update_baseline: bool = False,
-    on_event: Callable[[str], None] | None = None,
-) -> CheckRun:
-    """Measure only what the expectations need: a single probe per size asked about (a max
-    batch of at least N holds iff N fits), a timing per throughput expectation. With
-    `update_baseline`, also a full find-max and the figures a later run compares against."""
-    import time as _time
-
-    started = _time.perf_counter()
-    spec = session.spec
-    tol = spec.check.tolerance
-    tokens = session.workload.inputs.tokens_per_sample
-    say = on_event or (lambda _: None)
-    probes: dict[int, ProbeResult] = {}
-    timings: dict[int, StepTiming] = {}
-    outcomes: list[CheckOutcome] = []
-    run = CheckRun(outcomes, session.backend.info(), 0.0)
-
-    def probe(b: int) -> ProbeResult:
-        if b not in probes:
-            say(f"probe at micro-batch {b}")
-            probes[b] = session.probe(b)
-        return probes[b]
-
-    def timing(b: int) -> StepTiming | None:
-        if b not in timings:
-            if probe(b).outcome is not Outcome.FIT:
-                return None
-            say(f"timing micro-batch {b}")
-            timings[b] = session.time(b)
-        return timings[b]
-
-    try:
-        for e in expectations(spec, baseline):
-            outcomes.append(_evaluate(e, tol, probe, timing, tokens, session))
-        if update_baseline:
-            run.baseline = _measure_baseline(session, spec, probe, timing, tokens, say)
-    except KeyboardInterrupt:
-        run.interrupted = True
-    run.seconds = _time.perf_counter() - started
-    return run
-
-
-def _evaluate(
-    e: Expectation,
-    tol: float,
-    probe: Callable[[int], ProbeResult],
-    timing: Callable[[int], StepTiming | None],
-    tokens: int | None,
-    session: Session,
-) -> CheckOutcome:
-    if e.name == "max_batch_size":
-        need = max(1, math.ceil(e.value * (1 - tol)))
-        result = probe(need)
-        if result.outcome is Outcome.FIT:
-            return CheckOutcome(e, tol, need, True, f"{need} fits: the max is at least {need}")
-        # failed: find the actual max (below `need`) so the report says how far it fell
-        p = session.spec.probe
-        fm = find_max(
-            session.step,
-            session.backend,
-            start=p.start,
-            cap=need - 1,
-            strategy="predict",
-            steps=p.steps,
-            prober=session._prober(),
-            limit_bytes=session.limit_bytes,
-        )
-        why = result.failure.kind if result.failure else result.outcome.value
-        return CheckOutcome(
-            e,
-            tol,
-            fm.max_batch_size,
-            False,
-            f"{need} does not fit ({why}); measured: the max below",
-        )
-    assert e.micro_batch_size is not None
-    b = e.micro_batch_size
-    if e.name == "peak_bytes":
-        result = probe(b)
-        if result.outcome is not Outcome.FIT:
-            return CheckOutcome(
-                e, tol, None, False, f"micro-batch {b} does not fit ({result.outcome})"
-            )
-        peak = result.peak_bytes or 0
-        limit = e.value * (1 + tol)
-        return CheckOutcome(
-            e, tol, peak, peak <= limit, f"peak {format_bytes(peak)} at micro-batch {b}"
-        )
-    if e.name == "tokens_per_s" and tokens is None:
-        return CheckOutcome(e, tol, None, False, "tokens/s needs token inputs")
-    t = timing(b)
-    if t is None:
-        return CheckOutcome(e, tol, None, False, f"micro-batch {b} does not fit")
-    rate = b / t.step_s * (tokens if e.name == "tokens_per_s" and tokens else 1)
-    note = " (unstable timing)" if t.unstable else ""
-    return CheckOutcome(
-        e,
-        tol,
-        rate,
-        rate >= e.value * (1 - tol),
-        f"step {t.step_s * 1e3:.3g} ms at micro-batch {b}{note}",
-    )
-
-
-def _measure_baseline(
-    session: Session,
-    spec: Spec,
-    probe: Callable[[int], ProbeResult],
-    timing: Callable[[int], StepTiming | None],
-    tokens: int | None,
-    say: Callable[[str], None],
-) -> dict[str, Any]:
-    say("find-max for the baseline")
-    fm = session.find_max()
-    c = spec.check
-    sizes = {
-        t.micro_batch_size for t in (c.min_samples_per_s, c.min_tokens_per_s, c.max_peak_bytes) if t
-    }
-    if not sizes and fm.max_batch_size:
-        sizes = {2 ** int(math.log2(fm.max_batch_size))}
-    measurements = []
-    for b in sorted(sizes):
-        t = timing(b)
-        result = probe(b)
-        measurements.append(
-            {
-                "micro_batch_size": b,
-                "peak_bytes": result.peak_bytes if result.outcome is Outcome.FIT else None,
-                "samples_per_s": b / t.step_s if t else None,
-                "tokens_per_s": b / t.step_s * tokens if t and tokens else None,
-            }
-        )
-    info = session.backend.info()
-    return {
-        "command": "check-baseline",
-        "model": spec.model.source,
-        "device": info.device,
-        "device_name": info.name,
-        "torch_version": info.torch_version,
-        "budget_bytes": session.backend.budget_bytes,
-        "max_batch_size": fm.max_batch_size,
-        "measurements": measurements,
-    }
 
 
 # --------------------------------------------------------------------------- noise scale
