@@ -41,6 +41,13 @@ app = typer.Typer(
 
 # ----------------------------------------------------------------------------- options
 
+
+def _option(help: str, key: str | None = None, *names: str) -> Any:
+    """A Typer option whose help names the spec key it sets."""
+    text = f"{help}  \\[spec: {key}]" if key else help
+    return typer.Option(*names, help=text, show_default=False)
+
+
 ConfigOpt = Annotated[
     Path | None,
     typer.Option(
@@ -58,7 +65,7 @@ SetOpt = Annotated[
 ]
 DeviceOpt = Annotated[
     str | None,
-    typer.Option(help="auto | cpu | cuda | cuda:N  \\[spec: probe.device]", show_default=False),
+    _option("auto | cpu | cuda | cuda:N", "probe.device"),
 ]
 BudgetOpt = Annotated[
     str | None,
@@ -91,54 +98,40 @@ ModelOpt = Annotated[
 ]
 InputOpt = Annotated[
     str | None,
-    typer.Option(
-        "--input",
-        help="Per-sample input shape, e.g. 3x224x224 or 784  \\[spec: inputs.shape]",
-        show_default=False,
-    ),
+    _option("Per-sample input shape, e.g. 3x224x224 or 784", "inputs.shape", "--input"),
 ]
-SeqLenOpt = Annotated[
-    int | None, typer.Option(help="Tokens per sample  \\[spec: inputs.seq_len]", show_default=False)
-]
+SeqLenOpt = Annotated[int | None, _option("Tokens per sample", "inputs.seq_len")]
 VocabOpt = Annotated[
     int | None,
-    typer.Option(
-        help="Vocabulary size for token inputs  \\[spec: inputs.vocab_size]", show_default=False
-    ),
+    _option("Vocabulary size for token inputs", "inputs.vocab_size"),
 ]
 ClassesOpt = Annotated[
     int | None,
-    typer.Option(
-        help="Classes for cross-entropy targets  \\[spec: inputs.num_classes]", show_default=False
-    ),
+    _option("Classes for cross-entropy targets", "inputs.num_classes"),
 ]
 PrecisionOpt = Annotated[
     str | None,
-    typer.Option(help="fp32 | bf16 | fp16  \\[spec: train.precision]", show_default=False),
+    _option("fp32 | bf16 | fp16", "train.precision"),
 ]
 OptimizerOpt = Annotated[
     str | None,
-    typer.Option(
-        help="sgd | adam | adamw | none  \\[spec: train.optimizer.name]", show_default=False
-    ),
+    _option("sgd | adam | adamw | none", "train.optimizer.name"),
 ]
 StartOpt = Annotated[
     int | None,
-    typer.Option(help="First batch size tried  \\[spec: probe.start]", show_default=False),
+    _option("First batch size tried", "probe.start"),
 ]
 MaxBatchOpt = Annotated[
     int | None,
-    typer.Option(help="Never probe above this  \\[spec: probe.max_batch_size]", show_default=False),
+    _option("Never probe above this", "probe.max_batch_size"),
 ]
 StepsOpt = Annotated[
     int | None,
-    typer.Option(
-        help="Full training steps per probe, at least 2  \\[spec: probe.steps]", show_default=False
-    ),
+    _option("Full training steps per probe, at least 2", "probe.steps"),
 ]
 StrategyOpt = Annotated[
     str | None,
-    typer.Option(help="auto | doubling | predict  \\[spec: probe.strategy]", show_default=False),
+    _option("auto | doubling | predict", "probe.strategy"),
 ]
 
 IsolateOpt = Annotated[
@@ -197,6 +190,15 @@ class Out:
             sys.stdout.write(text)
             sys.stdout.flush()
 
+    def result(self, data: dict[str, Any], output: Path | None) -> None:
+        """The command's JSON result: to --output, and to stdout under --json."""
+        from batchprobe.report import to_json
+
+        text = to_json(data)
+        self.write(output, text)
+        if self.json_mode:
+            self.emit_json(text)
+
     def write(self, path: Path | None, text: str, what: str = "") -> None:
         """Write a file atomically (rank 0 only) and say so."""
         if path is None or self.quiet:
@@ -249,10 +251,6 @@ def _load_spec(config: Path | None, sets: list[str] | None, flags: dict[str, Any
             ]
         )
     return load_spec(config, sets or [], values=flags)
-
-
-def _write_output(out: Out, path: Path | None, text: str) -> None:
-    out.write(path, text)
 
 
 def _freeze_heap() -> None:
@@ -347,14 +345,10 @@ def _run_find_max(out: Out, session: Any) -> Any:
 
 
 def _finish_find_max(out: Out, session: Any, result: Any, output: Path | None) -> None:
-    from batchprobe.report import find_max_json, find_max_summary, to_json
+    from batchprobe.report import find_max_json, find_max_summary
 
     source = session.spec.model.source
-    data = find_max_json(result, source)
-    text = to_json(data)
-    _write_output(out, output, text)
-    if out.json_mode:
-        out.emit_json(text)
+    out.result(find_max_json(result, source), output)
     out.human.print(find_max_summary(result, source))
     _finish_find_max_exit(out, result)
 
@@ -402,67 +396,44 @@ def plan_cmd(
     strategy: StrategyOpt = None,
     global_batch_size: Annotated[
         int | None,
-        typer.Option(
-            help="Samples per optimizer step  \\[spec: plan.global_batch_size]", show_default=False
-        ),
+        _option("Samples per optimizer step", "plan.global_batch_size"),
     ] = None,
     global_tokens: Annotated[
         int | None,
-        typer.Option(
-            help="Tokens per optimizer step  \\[spec: plan.global_tokens]", show_default=False
-        ),
+        _option("Tokens per optimizer step", "plan.global_tokens"),
     ] = None,
     base_lr: Annotated[
         float | None,
-        typer.Option(
-            help="LR known to work at --base-batch-size  \\[spec: plan.base_lr]", show_default=False
-        ),
+        _option("LR known to work at --base-batch-size", "plan.base_lr"),
     ] = None,
     base_batch_size: Annotated[
         int | None,
-        typer.Option(
-            help="Global batch base_lr was tuned at  \\[spec: plan.base_batch_size]",
-            show_default=False,
-        ),
+        _option("Global batch base_lr was tuned at", "plan.base_batch_size"),
     ] = None,
     lr_scaling: Annotated[
         str | None,
-        typer.Option(
-            help="auto | linear | sqrt | none  \\[spec: plan.lr_scaling]", show_default=False
-        ),
+        _option("auto | linear | sqrt | none", "plan.lr_scaling"),
     ] = None,
     dataset_size: Annotated[
         int | None,
-        typer.Option(help="Samples per epoch  \\[spec: plan.dataset_size]", show_default=False),
+        _option("Samples per epoch", "plan.dataset_size"),
     ] = None,
     total_tokens: Annotated[
         int | None,
-        typer.Option(
-            help="Tokens in the whole run  \\[spec: plan.total_tokens]", show_default=False
-        ),
+        _option("Tokens in the whole run", "plan.total_tokens"),
     ] = None,
-    epochs: Annotated[
-        float | None, typer.Option(help="Epochs  \\[spec: plan.epochs]", show_default=False)
-    ] = None,
+    epochs: Annotated[float | None, _option("Epochs", "plan.epochs")] = None,
     num_gpus: Annotated[
         int | None,
-        typer.Option(
-            help="Data-parallel ranks (default WORLD_SIZE, else 1)  \\[spec: plan.num_gpus]",
-            show_default=False,
-        ),
+        _option("Data-parallel ranks (default WORLD_SIZE, else 1)", "plan.num_gpus"),
     ] = None,
     headroom: Annotated[
         float | None,
-        typer.Option(
-            help="Keep peak below this fraction of the limit (0.9)  \\[spec: plan.headroom]",
-            show_default=False,
-        ),
+        _option("Keep peak below this fraction of the limit (0.9)", "plan.headroom"),
     ] = None,
     peak_tflops: Annotated[
         float | None,
-        typer.Option(
-            help="Device peak TFLOP/s for MFU  \\[spec: plan.peak_tflops]", show_default=False
-        ),
+        _option("Device peak TFLOP/s for MFU", "plan.peak_tflops"),
     ] = None,
     json_: JsonOpt = False,
     output: OutputOpt = None,
@@ -615,12 +586,10 @@ def _finish_plan(
         plan_plot,
         plan_table,
         recommendation_panel,
-        to_json,
     )
 
     source = session.spec.model.source
-    text = to_json(plan_json(run, source))
-    _write_output(out, output, text)
+    out.result(plan_json(run, source), output)
     plan = run.plan
     if plan is not None:
         out.write(csv_file, plan_csv(plan))
@@ -628,8 +597,6 @@ def _finish_plan(
         if plot_file is not None and not out.quiet:
             plan_plot(plan, plot_file, source)
             out.err.print(f"[dim]wrote {plot_file}[/dim]")
-    if out.json_mode:
-        out.emit_json(text)
     out.human.print(find_max_summary(run.find_max, source))
     if plan is not None and plan.rows:
         out.human.print(plan_table(plan))
@@ -662,31 +629,24 @@ def estimate_cmd(
     model: ModelOpt = None,
     gpu: Annotated[
         str | None,
-        typer.Option(
-            help="Target GPU from the table: h100-80gb, a100-40gb, l4, rtx-4090, ...  \\[spec: estimate.gpu]",
-            show_default=False,
+        _option(
+            "Target GPU from the table: h100-80gb, a100-40gb, l4, rtx-4090, ...", "estimate.gpu"
         ),
     ] = None,
     capacity: Annotated[
         str | None,
-        typer.Option(
-            help="Target capacity, e.g. 80GiB (a GPU)  \\[spec: estimate.capacity]",
-            show_default=False,
-        ),
+        _option("Target capacity, e.g. 80GiB (a GPU)", "estimate.capacity"),
     ] = None,
     fragmentation: Annotated[
         float | None,
-        typer.Option(
-            help="GPU allowance on the peak, default 0.05  \\[spec: estimate.fragmentation]",
-            show_default=False,
-        ),
+        _option("GPU allowance on the peak, default 0.05", "estimate.fragmentation"),
     ] = None,
     context: Annotated[
         str | None,
-        typer.Option(
+        _option(
+            "GPU fixed allowance (CUDA context, workspaces), default 512MiB",
+            "estimate.context_bytes",
             "--context",
-            help="GPU fixed allowance (CUDA context, workspaces), default 512MiB  \\[spec: estimate.context_bytes]",
-            show_default=False,
         ),
     ] = None,
     device: DeviceOpt = None,
@@ -717,7 +677,7 @@ def estimate_cmd(
         }
         flags.update({k: v for k, v in extra.items() if v is not None})
         spec = _load_spec(config, set_, flags)
-        from batchprobe.report import estimate_json, estimate_summary, estimate_table, to_json
+        from batchprobe.report import estimate_json, estimate_summary, estimate_table
         from batchprobe.session import run_estimate
         from batchprobe.units import format_bytes
 
@@ -728,10 +688,7 @@ def estimate_cmd(
 
         run = run_estimate(spec, on_point=on_point)
         source = spec.model.source
-        text = to_json(estimate_json(run, source))
-        _write_output(out, output, text)
-        if out.json_mode:
-            out.emit_json(text)
+        out.result(estimate_json(run, source), output)
         if run.result is not None:
             out.human.print(estimate_table(run))
         out.human.print(estimate_summary(run, source))
@@ -766,10 +723,7 @@ def check_cmd(
     ] = None,
     tolerance: Annotated[
         float | None,
-        typer.Option(
-            help="Relative slack on every expectation (default 0.05)  \\[spec: check.tolerance]",
-            show_default=False,
-        ),
+        _option("Relative slack on every expectation (default 0.05)", "check.tolerance"),
     ] = None,
     junit: Annotated[
         Path | None,
@@ -864,8 +818,7 @@ def _finish_check(
     )
 
     source = spec.model.source
-    text = to_json(check_json(run, source))
-    _write_output(out, output, text)
+    out.result(check_json(run, source), output)
     if junit is not None:
         out.write(junit, junit_xml(run, source))
     if update_baseline is not None and run.baseline is not None and not run.interrupted:
@@ -874,8 +827,6 @@ def _finish_check(
     if summary and not out.quiet:
         with open(summary, "a", encoding="utf-8") as f:
             f.write(check_markdown(run, source))
-    if out.json_mode:
-        out.emit_json(text)
     if run.outcomes:
         out.human.print(check_table(run))
     verdict = "all checks passed" if run.passed else "a check FAILED"
@@ -898,20 +849,15 @@ def noise_scale_cmd(
     model: ModelOpt = None,
     small_batch_size: Annotated[
         int | None,
-        typer.Option(
-            help="B_small, samples per micro-batch  \\[spec: noise.small_batch_size]",
-            show_default=False,
-        ),
+        _option("B_small, samples per micro-batch", "noise.small_batch_size"),
     ] = None,
     accumulation: Annotated[
         int | None,
-        typer.Option(
-            help="Micro-batches per big batch  \\[spec: noise.accumulation]", show_default=False
-        ),
+        _option("Micro-batches per big batch", "noise.accumulation"),
     ] = None,
     steps: Annotated[
         int | None,
-        typer.Option(help="Big batches averaged  \\[spec: noise.steps]", show_default=False),
+        _option("Big batches averaged", "noise.steps"),
     ] = None,
     json_: JsonOpt = False,
     output: OutputOpt = None,
@@ -931,7 +877,7 @@ def noise_scale_cmd(
         flags.update({k: v for k, v in extra.items() if v is not None})
         spec = _load_spec(config, set_, flags)
         from batchprobe.errors import Problem, SpecError
-        from batchprobe.report import noise_json, noise_panel, to_json
+        from batchprobe.report import noise_json, noise_panel
         from batchprobe.session import SYNTHETIC_REFUSAL, open_session, run_noise
 
         if spec.data is None:
@@ -944,10 +890,7 @@ def noise_scale_cmd(
                 out.err.print(f"[dim]{i}/{spec.noise.steps} big batches: B_simple ≈ {b:,.1f}[/dim]")
 
         run = run_noise(session, on_step)
-        text = to_json(noise_json(run, spec.model.source))
-        _write_output(out, output, text)
-        if out.json_mode:
-            out.emit_json(text)
+        out.result(noise_json(run, spec.model.source), output)
         target = spec.plan.global_batch_size
         out.human.print(noise_panel(run, spec.model.source, target))
         if run.stats.stopped == "interrupted":
