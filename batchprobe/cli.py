@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -144,23 +144,52 @@ IsolateOpt = Annotated[
 ]
 
 
-def _flag_values(**flags: Any) -> dict[str, Any]:
-    mapping = {
-        "device": "probe.device",
-        "memory_budget": "probe.memory_budget",
-        "model": "model.source",
-        "input_shape": "inputs.shape",
-        "seq_len": "inputs.seq_len",
-        "vocab_size": "inputs.vocab_size",
-        "num_classes": "inputs.num_classes",
-        "precision": "train.precision",
-        "optimizer": "train.optimizer.name",
-        "start": "probe.start",
-        "max_batch_size": "probe.max_batch_size",
-        "steps": "probe.steps",
-        "strategy": "probe.strategy",
+# The spec key each flag sets (a command's own meaning of a name goes in `renames`).
+FLAG_KEYS = {
+    "device": "probe.device",
+    "memory_budget": "probe.memory_budget",
+    "model": "model.source",
+    "input_shape": "inputs.shape",
+    "seq_len": "inputs.seq_len",
+    "vocab_size": "inputs.vocab_size",
+    "num_classes": "inputs.num_classes",
+    "precision": "train.precision",
+    "optimizer": "train.optimizer.name",
+    "start": "probe.start",
+    "max_batch_size": "probe.max_batch_size",
+    "steps": "probe.steps",
+    "strategy": "probe.strategy",
+    "isolate": "probe.isolate",
+    "global_batch_size": "plan.global_batch_size",
+    "global_tokens": "plan.global_tokens",
+    "base_lr": "plan.base_lr",
+    "base_batch_size": "plan.base_batch_size",
+    "lr_scaling": "plan.lr_scaling",
+    "dataset_size": "plan.dataset_size",
+    "total_tokens": "plan.total_tokens",
+    "epochs": "plan.epochs",
+    "num_gpus": "plan.num_gpus",
+    "headroom": "plan.headroom",
+    "peak_tflops": "plan.peak_tflops",
+    "gpu": "estimate.gpu",
+    "capacity": "estimate.capacity",
+    "fragmentation": "estimate.fragmentation",
+    "context": "estimate.context_bytes",
+    "tolerance": "check.tolerance",
+    "small_batch_size": "noise.small_batch_size",
+    "accumulation": "noise.accumulation",
+}
+
+
+def _flag_values(params: Mapping[str, Any], **renames: str) -> dict[str, Any]:
+    """Spec values from a command's parameters: the flags that were given (a False switch was
+    not), keyed by the spec key they set."""
+    keys = {**FLAG_KEYS, **renames}
+    return {
+        keys[name]: value
+        for name, value in params.items()
+        if name in keys and value is not None and value is not False
     }
-    return {mapping[k]: v for k, v in flags.items() if v is not None}
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -292,23 +321,7 @@ def find_max_cmd(
     """
     out = Out(json_)
     with _handled(out, "find-max"):
-        flags = _flag_values(
-            device=device,
-            memory_budget=memory_budget,
-            model=model,
-            input_shape=input_shape,
-            seq_len=seq_len,
-            vocab_size=vocab_size,
-            num_classes=num_classes,
-            precision=precision,
-            optimizer=optimizer,
-            start=start,
-            max_batch_size=max_batch_size,
-            steps=steps,
-            strategy=strategy,
-        )
-        if isolate:
-            flags["probe.isolate"] = True
+        flags = _flag_values(locals())
         spec = _load_spec(config, set_, flags)
         from batchprobe.session import open_session
 
@@ -454,35 +467,7 @@ def plan_cmd(
     """
     out = Out(json_)
     with _handled(out, "plan"):
-        flags = _flag_values(
-            device=device,
-            memory_budget=memory_budget,
-            model=model,
-            input_shape=input_shape,
-            seq_len=seq_len,
-            vocab_size=vocab_size,
-            num_classes=num_classes,
-            precision=precision,
-            optimizer=optimizer,
-            start=start,
-            max_batch_size=max_batch_size,
-            steps=steps,
-            strategy=strategy,
-        )
-        plan_flags = {
-            "plan.global_batch_size": global_batch_size,
-            "plan.global_tokens": global_tokens,
-            "plan.base_lr": base_lr,
-            "plan.base_batch_size": base_batch_size,
-            "plan.lr_scaling": lr_scaling,
-            "plan.dataset_size": dataset_size,
-            "plan.total_tokens": total_tokens,
-            "plan.epochs": epochs,
-            "plan.num_gpus": num_gpus,
-            "plan.headroom": headroom,
-            "plan.peak_tflops": peak_tflops,
-        }
-        flags.update({k: v for k, v in plan_flags.items() if v is not None})
+        flags = _flag_values(locals())
         spec = _load_spec(config, set_, flags)
         from batchprobe.session import open_session
 
@@ -662,20 +647,7 @@ def estimate_cmd(
     """
     out = Out(json_)
     with _handled(out, "estimate"):
-        flags = _flag_values(
-            model=model,
-            device=device,
-            memory_budget=memory_budget,
-            precision=precision,
-            optimizer=optimizer,
-        )
-        extra = {
-            "estimate.gpu": gpu,
-            "estimate.capacity": capacity,
-            "estimate.fragmentation": fragmentation,
-            "estimate.context_bytes": context,
-        }
-        flags.update({k: v for k, v in extra.items() if v is not None})
+        flags = _flag_values(locals())
         spec = _load_spec(config, set_, flags)
         from batchprobe.report import estimate_json, estimate_summary, estimate_table
         from batchprobe.session import run_estimate
@@ -751,11 +723,7 @@ def check_cmd(
 
         from batchprobe.errors import DeviceError, Problem, SpecError
 
-        flags = _flag_values(device=device, memory_budget=memory_budget, model=model)
-        if tolerance is not None:
-            flags["check.tolerance"] = tolerance
-        if isolate:
-            flags["probe.isolate"] = True
+        flags = _flag_values(locals())
         spec = _load_spec(config, set_, flags)
         base = None
         if baseline is not None:
@@ -868,13 +836,7 @@ def noise_scale_cmd(
     """
     out = Out(json_)
     with _handled(out, "noise-scale"):
-        flags = _flag_values(device=device, memory_budget=memory_budget, model=model)
-        extra = {
-            "noise.small_batch_size": small_batch_size,
-            "noise.accumulation": accumulation,
-            "noise.steps": steps,
-        }
-        flags.update({k: v for k, v in extra.items() if v is not None})
+        flags = _flag_values(locals(), steps="noise.steps")
         spec = _load_spec(config, set_, flags)
         from batchprobe.errors import Problem, SpecError
         from batchprobe.report import noise_json, noise_panel
