@@ -61,10 +61,26 @@ def test_estimator_recovers_exact_expectations() -> None:
 
 
 def test_unresolved_gradient_is_said() -> None:
+    from rich.console import Console
+
+    from batchprobe.report import noise_json, noise_panel
+    from batchprobe.session import NoiseRun
+
     stats = NoiseStats(8, 64)
-    stats.add(1.0, 1.0)  # no difference between the two batch sizes: |G|^2 = 1, tr = 0
-    stats.add(1.0, 2.0)
-    assert stats.g2() > 0 and stats.b_simple() < 1
+    for _ in range(5):  # the big batch's norm is far below the small one's: |G|^2 estimate < 0
+        stats.add(10.0, 0.5)
+    assert stats.g2() < 0 and stats.b_simple() == math.inf
+    run = NoiseRun(
+        stats,
+        1.0,
+        open_session(
+            load_spec(text="model: {source: zoo:mlp}\nprobe: {device: cpu}")
+        ).backend.info(),
+    )
+    console = Console(record=True, width=100)
+    console.print(noise_panel(run, "zoo:mlp"))
+    assert "not resolved" in console.export_text()
+    assert noise_json(run, "zoo:mlp")["b_simple"] is None
 
 
 def test_step_and_sample_factors() -> None:
