@@ -65,16 +65,19 @@ def probe_table(
             note = f"{p.failure.kind}: {p.failure.message}"
         elif p.alloc_retries:
             note = f"{p.alloc_retries} allocator retries"
+        fit = p.outcome is Outcome.FIT
+        # a failed probe's peak is where it stopped: at least that much was needed
+        peak = (
+            format_bytes(p.peak_bytes)
+            if fit or not p.peak_bytes
+            else f"≥{format_bytes(p.peak_bytes)}"
+        )
         table.add_row(
             str(i),
             str(p.batch_size),
             Text(p.outcome.value, style=OUTCOME_STYLE[p.outcome]),
-            format_bytes(p.peak_bytes)
-            if p.outcome is Outcome.FIT
-            else f"≥{format_bytes(p.peak_bytes)}"
-            if p.peak_bytes
-            else "-",
-            percent(p.peak_bytes, limit_bytes) if p.outcome is Outcome.FIT else "",
+            peak,
+            percent(p.peak_bytes, limit_bytes) if fit else "",
             format_seconds(p.seconds),
             Text(note, style="dim"),
         )
