@@ -300,6 +300,52 @@ class FindMaxResult:
 ProbeCallback = Callable[[ProbeResult], None]
 
 
+class _Watched:
+    """Runs probes and watches what they leave: warns about memory still held, and switches to
+    isolated probes when a sticky device error (or memory held after a failure) means this
+    process can no longer be trusted."""
+
+    def __init__(
+        self,
+        run: Callable[[int], ProbeResult],
+        isolate: Callable[[], Callable[[int], ProbeResult]] | None,
+    ) -> None:
+        self.run = run
+        self.isolate = isolate
+        self.warnings: list[str] = []
+        self.poisoned = False
+        # Some wrappers keep buffers from one step to the next (FSDP): what the first completed
+        # probe leaves is their steady state; more than that is a leak.
+        self.steady: int | None = None
+
+    def __call__(self, b: int) -> ProbeResult:
+        result = self.run(b)
+        failure = result.failure
+        if failure is None and self.steady is None:
+            self.steady = result.retained_bytes
+        extra = result.retained_bytes - (self.steady or 0)
+        sticky = failure is not None and failure.sticky
+        leaked = extra > 0 and failure is not None
+        if (sticky or leaked) and self.isolate is not None and not result.isolated:
+            assert failure is not None
+            why = (
+                f"a sticky device error at batch {b} ({failure.message})"
+                if sticky
+                else f"{result.retained_bytes} bytes still held after the failure at batch {b}"
+            )
+            self.warnings.append(f"{why}: switching to isolated probes (one process each)")
+            self.run, self.isolate = self.isolate(), None
+            if sticky:  # this process can no longer tell: ask a fresh one
+                self.poisoned = True
+                result = self.run(b)
+        elif extra > 0:
+            self.warnings.append(
+                f"probe at batch {b} left {extra} bytes allocated after recovery; later probes "
+                "may see less memory (try --isolate)"
+            )
+        return result
+
+
 def find_max(
     step: TrainStep,
     backend: Backend,
@@ -327,48 +373,22 @@ def find_max(
     limit = limit_bytes or backend.budget_bytes or backend.free_bytes_at_start
     name = strategy if strategy != "auto" else ("predict" if limit else "doubling")
     gen = make_strategy(name, start, cap, limit, guess)
-    run = prober or (lambda b: run_probe(step, backend, b, steps))
+    watched = _Watched(prober or (lambda b: run_probe(step, backend, b, steps)), isolate)
     probes: list[ProbeResult] = []
-    warnings: list[str] = []
-    interrupted = poisoned = False
-    steady = -1  # bytes every completed probe leaves behind (set by the first)
+    interrupted = False
     started = time.perf_counter()
     try:
         b = next(gen)
         while True:
             if known is not None and b in known and limit:
-                peak = known[b]
-                fits = peak <= limit
+                fits = known[b] <= limit
                 result = ProbeResult(
-                    b, Outcome.FIT if fits else Outcome.OOM, peak, 0.0, reused=True
+                    b, Outcome.FIT if fits else Outcome.OOM, known[b], 0.0, reused=True
                 )
             else:
                 if on_start is not None:
                     on_start(b)
-                result = run(b)
-                sticky = result.failure is not None and result.failure.sticky
-                # Some wrappers keep buffers from one step to the next (FSDP): what every
-                # completed probe leaves is their steady state; more than that is a leak.
-                if result.failure is None and steady < 0:
-                    steady = result.retained_bytes  # set by the first completed probe
-                extra = result.retained_bytes - max(steady, 0)
-                leaked = extra > 0 and result.failure is not None
-                if (sticky or leaked) and isolate is not None and not result.isolated:
-                    why = (
-                        f"a sticky device error at batch {b} ({result.failure.message})"  # type: ignore[union-attr]
-                        if sticky
-                        else f"{result.retained_bytes} bytes still held after the failure at batch {b}"
-                    )
-                    warnings.append(f"{why}: switching to isolated probes (one process each)")
-                    run = isolate()
-                    if sticky:  # this process can no longer tell: ask a fresh one
-                        poisoned = True
-                        result = run(b)
-                elif extra > 0:
-                    warnings.append(
-                        f"probe at batch {b} left {extra} bytes allocated after recovery; later "
-                        "probes may see less memory (try --isolate)"
-                    )
+                result = watched(b)
             probes.append(result)
             if on_probe is not None:
                 on_probe(result)
@@ -388,6 +408,6 @@ def find_max(
         limit_bytes=limit,
         strategy=name,
         seconds=time.perf_counter() - started,
-        warnings=warnings,
-        poisoned=poisoned,
+        warnings=watched.warnings,
+        poisoned=watched.poisoned,
     )

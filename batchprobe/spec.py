@@ -459,10 +459,9 @@ def _split_optimizer(data: dict[str, Any]) -> dict[str, Any]:
     """`{name: adamw, lr: 3e-4, weight_decay: 0.1}`: keys other than name/lr go to kwargs."""
     out = {k: v for k, v in data.items() if k in ("name", "lr", "kwargs")}
     extra = {k: v for k, v in data.items() if k not in out}
-    if extra:
-        merged = dict(out.get("kwargs") or {}) if isinstance(out.get("kwargs"), dict) else {}
-        merged.update(extra)
-        out["kwargs"] = merged
+    kwargs = out.get("kwargs", {})
+    if extra and isinstance(kwargs, dict):  # a kwargs that is not a mapping is reported as such
+        out["kwargs"] = {**kwargs, **extra}
     return out
 
 
