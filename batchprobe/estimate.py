@@ -23,10 +23,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from batchprobe.build import build_workload, quiet_warnings
 from batchprobe.errors import ModelError
 from batchprobe.memory import Breakdown, StorageLedger, TrackingMode
 from batchprobe.search import Observation, Outcome, SearchResult, search
+from batchprobe.sources import build_workload, quiet_warnings
 from batchprobe.spec import Spec
 from batchprobe.step import TrainStep
 

@@ -39,8 +39,8 @@ def _child(conn: multiprocessing.connection.Connection, request: dict[str, Any])
     """Runs in the child: build the model, run one probe, send the result back."""
     try:
         from batchprobe.backends import get_backend
-        from batchprobe.build import build_workload, quiet_warnings
         from batchprobe.probe import run_probe
+        from batchprobe.sources import build_workload, quiet_warnings
         from batchprobe.spec import load_spec
         from batchprobe.step import TrainStep
         from batchprobe.units import MemorySize

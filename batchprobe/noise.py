@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from batchprobe.build import Batch
+from batchprobe.sources import Batch
 
 
 @dataclass
@@ -95,20 +95,6 @@ def samples_factor(batch: float, b_noise: float) -> float:
 # --------------------------------------------------------------------------- real batches
 
 
-def to_batch(raw: Any) -> Batch:
-    """A data source's batch, wired as the spec wires its inputs: a dict is model(**batch); an
-    (inputs, target) pair is model(inputs) with the target for the loss; a tensor is model(x)."""
-    if isinstance(raw, Mapping):
-        return Batch(kwargs=dict(raw), raw=raw)
-    if isinstance(raw, tuple | list) and len(raw) == 2:
-        return Batch(args=(raw[0],), target=raw[1], raw=raw)
-    if isinstance(raw, torch.Tensor):
-        return Batch(args=(raw,), raw=raw)
-    raise TypeError(
-        f"a data batch must be a dict, an (inputs, target) pair or a tensor, got {type(raw).__name__}"
-    )
-
-
 def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device, non_blocking=True)
@@ -124,11 +110,13 @@ def batches(
     batch_size: int,
     device: torch.device,
     kwargs: Mapping[str, Any],
+    adapt: Callable[[Any], Batch],
     collate: Callable[[list[Any]], Any] | None = None,
 ) -> Iterator[Batch]:
     """Batches of `batch_size` from a data source: a factory called as
     source(batch_size=..., device=..., **kwargs) that returns an iterable of batches or a
-    torch.utils.data.Dataset (then loaded in shuffled epochs, repeated as needed)."""
+    torch.utils.data.Dataset (then loaded in shuffled epochs, repeated as needed). `adapt` wires
+    each batch as the spec's inputs are wired (`Workload.adapt`)."""
     from torch.utils.data import DataLoader, Dataset
 
     made = source(batch_size=batch_size, device=device, **kwargs)
@@ -145,12 +133,12 @@ def batches(
             produced = False
             for raw in DataLoader(made, **loader_kwargs):
                 produced = True
-                yield to_batch(_to_device(raw, device))
+                yield adapt(_to_device(raw, device))
             if not produced:
                 return
     else:
         for raw in made:
-            yield to_batch(_to_device(raw, device))
+            yield adapt(_to_device(raw, device))
 
 
 # --------------------------------------------------------------------------- measurement

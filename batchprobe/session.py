@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from batchprobe.backends import Backend, get_backend
-from batchprobe.build import Batch, Workload, build_workload, import_object, quiet_warnings
 from batchprobe.distributed import Dist, world_size_from_env
-from batchprobe.errors import DeviceError, ModelError, Problem, SpecError
+from batchprobe.errors import DeviceError, Problem, SpecError
 from batchprobe.estimate import (
     CUDA_BLOCK_BYTES,
     Allowance,
@@ -42,6 +41,7 @@ from batchprobe.probe import (
     run_probe,
 )
 from batchprobe.search import Outcome
+from batchprobe.sources import Batch, Workload, build_workload, import_object, quiet_warnings
 from batchprobe.spec import Spec
 from batchprobe.step import TrainStep
 from batchprobe.timing import StepTiming, flops_per_sample, time_steps
@@ -602,7 +602,9 @@ def data_batches(session: Session, batch_size: int) -> Iterator[Batch]:
     base = Path(session.spec.origin).parent if session.spec.origin else None
     source = import_object(data.source, "data.source", base)
     collate = import_object(data.collate, "data.collate", base) if data.collate else None
-    return noise_batches(source, batch_size, session.backend.device, data.kwargs, collate)
+    return noise_batches(
+        source, batch_size, session.backend.device, data.kwargs, session.workload.adapt, collate
+    )
 
 
 def run_noise(
@@ -617,16 +619,13 @@ def run_noise(
         raise SpecError([Problem("noise", "noise-scale runs on one device, not under torchrun")])
     started = _time.perf_counter()
     source = data_batches(session, n.small_batch_size)
-    try:
-        stats = measure_noise(
-            session.step,
-            source,
-            n.small_batch_size,
-            n.accumulation,
-            n.steps,
-            n.warmup_steps,
-            on_step,
-        )
-    except TypeError as exc:  # a batch of the wrong shape of thing
-        raise ModelError(f"data.source: {exc}") from None
+    stats = measure_noise(
+        session.step,
+        source,
+        n.small_batch_size,
+        n.accumulation,
+        n.steps,
+        n.warmup_steps,
+        on_step,
+    )
     return NoiseRun(stats, _time.perf_counter() - started, session.backend.info())

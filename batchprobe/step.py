@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from batchprobe.build import Batch, Workload
+from batchprobe.sources import Batch, Workload
 from batchprobe.spec import TrainSpec
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}

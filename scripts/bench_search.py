@@ -45,8 +45,8 @@ STRATEGIES = ("doubling", "predict", "estimate")
 def part1(cases: list[tuple[str, dict, str]]) -> list[dict]:
     import gc
 
-    from batchprobe.build import quiet_warnings
     from batchprobe.session import open_session
+    from batchprobe.sources import quiet_warnings
     from batchprobe.spec import load_spec
 
     rows = []
@@ -93,7 +93,7 @@ import os, resource, json, time, sys
 sys.path.insert(0, {root!r})
 import torch
 torch.set_num_threads(2)
-from batchprobe.zoo import MLP
+from batchprobe.sources.zoo import MLP
 """
 
 OURS = (

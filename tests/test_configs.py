@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from batchprobe.build import build_workload, quiet_warnings
+from batchprobe.sources import build_workload, quiet_warnings
 from batchprobe.spec import load_spec
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))

@@ -1,4 +1,4 @@
-"""Small built-in models for the quickstart, the tests and the benchmarks.
+"""Small built-in models (`zoo:NAME`) for the quickstart, the tests and the benchmarks.
 
 Each entry carries its default inputs and loss, so `model: {source: zoo:mlp}` is a complete spec.
 Sizes are set by kwargs; weights are random (memory and speed do not depend on them).
@@ -6,6 +6,7 @@ Sizes are set by kwargs; weights are random (memory and speed do not depend on t
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -15,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from batchprobe.sources.base import BuiltModel, DefaultLoss, InputDefaults, Source, call_factory
+from batchprobe.spec import Spec
 
 
 class _Checkpointable(nn.Module):
@@ -158,14 +162,12 @@ class LinearRegression(nn.Module):
 @dataclass(frozen=True)
 class ZooEntry:
     factory: Callable[..., nn.Module]
-    inputs: Callable[[Mapping[str, Any]], dict[str, Any]]
-    loss: str
+    inputs: Callable[[Mapping[str, Any]], InputDefaults]
+    loss: DefaultLoss
     summary: str
 
 
 def _kw(kwargs: Mapping[str, Any], cls: type, name: str) -> Any:
-    import inspect
-
     default = inspect.signature(cls).parameters[name].default
     return kwargs.get(name, default)
 
@@ -173,42 +175,57 @@ def _kw(kwargs: Mapping[str, Any], cls: type, name: str) -> Any:
 ZOO: dict[str, ZooEntry] = {
     "mlp": ZooEntry(
         MLP,
-        lambda kw: {
-            "kind": "tensor",
-            "shape": (_kw(kw, MLP, "in_features"),),
-            "num_classes": _kw(kw, MLP, "num_classes"),
-        },
+        lambda kw: InputDefaults(
+            kind="tensor",
+            shape=(_kw(kw, MLP, "in_features"),),
+            num_classes=_kw(kw, MLP, "num_classes"),
+        ),
         "cross_entropy",
         "fully connected classifier (in_features, hidden, depth, num_classes)",
     ),
     "cnn": ZooEntry(
         CNN,
-        lambda kw: {
-            "kind": "image",
-            "shape": (_kw(kw, CNN, "in_channels"), 32, 32),
-            "num_classes": _kw(kw, CNN, "num_classes"),
-        },
+        lambda kw: InputDefaults(
+            kind="image",
+            shape=(_kw(kw, CNN, "in_channels"), 32, 32),
+            num_classes=_kw(kw, CNN, "num_classes"),
+        ),
         "cross_entropy",
         "conv + BatchNorm image classifier, 32x32 inputs (in_channels, width, depth, num_classes)",
     ),
     "gpt": ZooEntry(
         GPT,
-        lambda kw: {
-            "kind": "tokens",
-            "seq_len": _kw(kw, GPT, "block_size"),
-            "vocab_size": _kw(kw, GPT, "vocab_size"),
-        },
+        lambda kw: InputDefaults(
+            kind="tokens",
+            seq_len=_kw(kw, GPT, "block_size"),
+            vocab_size=_kw(kw, GPT, "vocab_size"),
+            max_seq_len=_kw(kw, GPT, "block_size"),
+        ),
         "cross_entropy",
         "decoder-only transformer (vocab_size, block_size, n_layer, n_head, n_embd, dropout)",
     ),
     "linreg": ZooEntry(
         LinearRegression,
-        lambda kw: {
-            "kind": "tensor",
-            "shape": (_kw(kw, LinearRegression, "in_features"),),
-            "target_shape": (),
-        },
+        lambda kw: InputDefaults(
+            kind="tensor",
+            shape=(_kw(kw, LinearRegression, "in_features"),),
+            target_shape=(),
+        ),
         "mse",
         "linear regression y = w.x (in_features); the noise-scale example",
     ),
 }
+
+
+def build(name: str, kwargs: Mapping[str, Any], spec: Spec) -> BuiltModel:
+    from batchprobe.sources.base import unknown_name
+
+    entry = ZOO.get(name)
+    if entry is None:
+        raise unknown_name("the zoo", name, list(ZOO), prefix="zoo:")
+    module = call_factory(entry.factory, kwargs, f"zoo:{name}")
+    enable = getattr(module, "set_gradient_checkpointing", None)
+    return BuiltModel(module, entry.inputs(kwargs), entry.loss, enable)
+
+
+SOURCE = Source("zoo", "built-in models: " + ", ".join(ZOO), build)
