@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from batchprobe.probe import FindMaxResult
+    from batchprobe.results import FindMaxResult
     from batchprobe.spec import Spec
 
 __all__ = ["__version__", "find_max_batch_size", "load_spec"]
@@ -26,7 +26,7 @@ def find_max_batch_size(spec: Spec) -> FindMaxResult:
     from batchprobe.errors import ModelError, NothingFitsError
     from batchprobe.session import open_session
 
-    result = open_session(spec).find_max()
+    result = open_session(spec).search()
     error = result.error
     if error is not None and error.failure is not None:
         raise ModelError(

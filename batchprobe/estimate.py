@@ -17,69 +17,20 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from batchprobe.errors import ModelError
-from batchprobe.memory import Breakdown, StorageLedger, TrackingMode
-from batchprobe.search import Observation, Outcome, SearchResult, search
+from batchprobe.memory import StorageLedger, TrackingMode
+from batchprobe.results import Allowance, EstimatePoint, EstimateResult, TraceFailure
+from batchprobe.search import Observation, Outcome, search
 from batchprobe.sources import build_workload, quiet_warnings
 from batchprobe.spec import Spec
 from batchprobe.step import TrainStep
 
 CUDA_BLOCK_BYTES = 512  # the caching allocator's smallest block: every allocation rounds up to it
-
-
-@dataclass(frozen=True)
-class Allowance:
-    """What a real device adds to the traced peak."""
-
-    fragmentation: float = 0.0  # relative: allocator rounding beyond 512 B blocks, fragmentation
-    context_bytes: int = 0  # fixed, outside the allocator: CUDA context, cuBLAS/cuDNN workspaces
-    round_to: int = 1  # bytes every storage is rounded up to
-    flash_attention: bool = False  # model attention as the GPU's memory-efficient kernels
-
-    def device_bytes(self, traced_bytes: int) -> int:
-        return int(traced_bytes * (1.0 + self.fragmentation))
-
-    def usable(self, capacity_bytes: int) -> int:
-        return capacity_bytes - self.context_bytes
-
-    def describe(self) -> str:
-        if not (self.fragmentation or self.context_bytes or self.round_to > 1):
-            return "none (the trace is what the CPU backend measures)"
-        parts = []
-        if self.round_to > 1:
-            parts.append(f"storages rounded up to {self.round_to} B")
-        if self.fragmentation:
-            parts.append(f"+{self.fragmentation:.0%} for allocator rounding and fragmentation")
-        if self.context_bytes:
-            from batchprobe.units import format_bytes
-
-            parts.append(f"{format_bytes(self.context_bytes)} for the CUDA context and workspaces")
-        if self.flash_attention:
-            parts.append("attention as memory-efficient kernels")
-        return "; ".join(parts)
-
-
-@dataclass
-class EstimatePoint:
-    batch_size: int
-    peak_bytes: int  # traced
-    device_bytes: int  # with the allowance
-    breakdown: Breakdown
-    phase_peaks: dict[str, int] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "batch_size": self.batch_size,
-            "peak_bytes": self.peak_bytes,
-            "device_bytes": self.device_bytes,
-            "breakdown": self.breakdown.as_dict(),
-        }
 
 
 class TraceError(Exception):
@@ -89,6 +40,10 @@ class TraceError(Exception):
     def __init__(self, message: str, op: str | None) -> None:
         super().__init__(message)
         self.op = op
+
+    @property
+    def failure(self) -> TraceFailure:
+        return TraceFailure(str(self), self.op)
 
 
 @contextmanager
@@ -217,25 +172,6 @@ def _trace_error(exc: Exception) -> TraceError:
         match = _OP_RE.search(str(exc))
         name = match.group(1) if match else None
     return TraceError(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", name)
-
-
-@dataclass
-class EstimateResult:
-    points: list[EstimatePoint]
-    capacity_bytes: int
-    usable_bytes: int
-    allowance: Allowance
-    target: str
-    search: SearchResult
-    seconds: float
-    num_parameters: int
-
-    @property
-    def max_batch_size(self) -> int | None:
-        return self.search.best
-
-    def point(self, batch_size: int | None) -> EstimatePoint | None:
-        return next((p for p in self.points if p.batch_size == batch_size), None)
 
 
 def estimate(

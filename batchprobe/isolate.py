@@ -28,7 +28,8 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
-from batchprobe.probe import Failure, ProbeResult, classify
+from batchprobe.probe import classify
+from batchprobe.results import Failure, ProbeResult
 from batchprobe.search import Outcome
 from batchprobe.spec import Spec
 

@@ -20,9 +20,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from batchprobe.results import Breakdown
 from batchprobe.units import format_bytes
 
-CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "other")
 _PHASE_TAG = {"forward": "activations"}  # what a storage created in a phase counts as by default
 
 
@@ -46,20 +46,6 @@ def _storage_key(t: torch.Tensor) -> tuple[int, torch.UntypedStorage] | None:
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple if multiple > 1 else n
-
-
-@dataclass
-class Breakdown:
-    """Bytes by category at the peak."""
-
-    parameters: int = 0
-    gradients: int = 0
-    optimizer_state: int = 0
-    activations: int = 0
-    other: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {c: getattr(self, c) for c in CATEGORIES}
 
 
 @dataclass

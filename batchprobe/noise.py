@@ -18,79 +18,13 @@ noise scale buy little.
 from __future__ import annotations
 
 import itertools
-import math
-import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from batchprobe.results import NoiseStats
 from batchprobe.sources import Batch
-
-
-@dataclass
-class NoiseStats:
-    """Per big batch: mean squared norm of the micro-batch gradients, squared norm of their mean."""
-
-    small_batch_size: int
-    big_batch_size: int
-    small_sq: list[float] = field(default_factory=list)
-    big_sq: list[float] = field(default_factory=list)
-    stopped: str = "done"  # done | data ran out | interrupted
-
-    def add(self, small_sq: float, big_sq: float) -> None:
-        self.small_sq.append(small_sq)
-        self.big_sq.append(big_sq)
-
-    @property
-    def steps(self) -> int:
-        return len(self.big_sq)
-
-    def _parts(self, idx: Iterable[int]) -> tuple[float, float]:
-        idx = list(idx)
-        s = sum(self.small_sq[i] for i in idx) / len(idx)
-        b = sum(self.big_sq[i] for i in idx) / len(idx)
-        bs, bb = self.small_batch_size, self.big_batch_size
-        g2 = (bb * b - bs * s) / (bb - bs)
-        trace = (s - b) / (1 / bs - 1 / bb)
-        return g2, trace
-
-    def g2(self) -> float:
-        return self._parts(range(self.steps))[0]
-
-    def trace_sigma(self) -> float:
-        return self._parts(range(self.steps))[1]
-
-    def b_simple(self) -> float:
-        g2, trace = self._parts(range(self.steps))
-        return trace / g2 if g2 > 0 else math.inf
-
-    def stderr(self, resamples: int = 500, seed: int = 0) -> float:
-        """Bootstrap standard error of B_simple over the big batches."""
-        if self.steps < 2:
-            return math.inf
-        rng = random.Random(seed)
-        values = []
-        for _ in range(resamples):
-            g2, trace = self._parts(rng.randrange(self.steps) for _ in range(self.steps))
-            if g2 > 0:
-                values.append(trace / g2)
-        if len(values) < resamples // 2:
-            return math.inf  # |G|^2 is not resolved: the gradient is lost in its noise
-        mean = sum(values) / len(values)
-        return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
-def steps_factor(batch: float, b_noise: float) -> float:
-    """S / S_min = 1 + B_noise / B: optimizer steps relative to the fewest possible."""
-    return 1 + b_noise / batch
-
-
-def samples_factor(batch: float, b_noise: float) -> float:
-    """E / E_min = 1 + B / B_noise: samples processed relative to the fewest possible."""
-    return 1 + batch / b_noise
-
 
 # --------------------------------------------------------------------------- real batches
 

@@ -14,6 +14,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
+
+LrRule = Literal["linear", "sqrt", "none"]
+WarmupLevel = Literal["none", "suggested", "required", "critical"]
 
 PLATEAU = 0.03  # within 3% of the best projected time counts as the same
 MAX_ACCUM_WARNING = 64
@@ -43,7 +47,7 @@ class PlanSettings:
     headroom: float = 0.9
     base_lr: float | None = None
     base_batch_size: int | None = None
-    lr_rule: str = "none"  # linear | sqrt | none (already resolved from auto)
+    lr_rule: LrRule = "none"  # already resolved from auto
     optimizer: str = "adamw"  # for the ready-to-paste snippets
     total_samples: float | None = None  # dataset_size x epochs, or total_tokens / seq_len
     epoch_samples: int | None = None  # dataset_size
@@ -69,7 +73,7 @@ class Row:
     mfu: float | None
     lr: float | None
     lr_ratio: float | None
-    warmup: str  # none | suggested | required | critical
+    warmup: WarmupLevel
     warmup_steps: int | None
     optimizer_steps: int | None
     projected_seconds: float | None
@@ -132,10 +136,11 @@ def realised_global_batch(micro_batch: int, accum: int, world_size: int = 1) -> 
     return micro_batch * accum * world_size
 
 
-def resolve_lr_rule(rule: str, optimizer: str) -> str:
+def resolve_lr_rule(rule: str, optimizer: str) -> LrRule:
     """auto -> sqrt for Adam-family optimizers, linear for SGD, none without an optimizer."""
-    if rule != "auto":
-        return rule
+    rules: dict[str, LrRule] = {"linear": "linear", "sqrt": "sqrt", "none": "none"}
+    if rule in rules:
+        return rules[rule]
     if optimizer in ("adam", "adamw"):
         return "sqrt"
     if optimizer == "sgd":
@@ -154,10 +159,11 @@ def scaled_lr(base_lr: float, base_batch: int, global_batch: int, rule: str) -> 
     raise ValueError(f"unknown LR scaling rule {rule!r}")
 
 
-def warmup_level(ratio: float | None) -> str:
+def warmup_level(ratio: float | None) -> WarmupLevel:
     """How much the scaled LR needs a warm-up, by the batch ratio B / B_base.
 
-    Practice (REFERENCE.md): ratio <= 2 none, ~4 maybe, >= 8 required, >= 16 critical.
+    Rule of thumb from practice (after Goyal et al. 2017, who ramp over 5 epochs for large
+    batches): ratio <= 2 none, ~4 maybe, >= 8 required, >= 16 critical.
     """
     if ratio is None or ratio <= 2:
         return "none"
@@ -169,10 +175,15 @@ def warmup_level(ratio: float | None) -> str:
 
 
 # fraction of all optimizer steps to ramp over: Goyal et al. ramp over 5 of 90 epochs (~5.6%)
-_WARMUP_FRACTION = {"none": 0.0, "suggested": 0.02, "required": 0.056, "critical": 0.1}
+_WARMUP_FRACTION: dict[WarmupLevel, float] = {
+    "none": 0.0,
+    "suggested": 0.02,
+    "required": 0.056,
+    "critical": 0.1,
+}
 
 
-def warmup_steps(level: str, optimizer_steps: int | None) -> int | None:
+def warmup_steps(level: WarmupLevel, optimizer_steps: int | None) -> int | None:
     if optimizer_steps is None:
         return None
     if level == "none":
@@ -207,7 +218,7 @@ def make_row(m: Measurement, s: PlanSettings) -> Row:
         ratio = global_batch / s.base_batch_size
         lr = scaled_lr(s.base_lr, s.base_batch_size, global_batch, s.lr_rule)
     # A larger LR needs warm-up; a rule of "none" leaves the LR alone and needs none.
-    level = warmup_level(ratio) if s.lr_rule != "none" else "none"
+    level: WarmupLevel = warmup_level(ratio) if s.lr_rule != "none" else "none"
     steps = optimizer_steps(s.total_samples, global_batch) if s.total_samples else None
     mfu = None
     if m.flops is not None and s.peak_flops:  # per device: its own FLOPs over its own peak

@@ -13,18 +13,23 @@ import gc
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from batchprobe.backends import Backend, DeviceInfo
-from batchprobe.search import Observation, Outcome, SearchResult, make_strategy, summarize
+from batchprobe.results import Failure, FailureKind, ProbeResult
+from batchprobe.search import Observation, Outcome, StrategyGen
 from batchprobe.step import TrainStep
 
+if TYPE_CHECKING:
+    from batchprobe.backends.base import Backend
+
 # Lower-case fragments of exception messages, checked along the __cause__/__context__ chain after
-# the exception types. Sources: REFERENCE.md "Failure modes a prober must handle".
-OOM_PATTERNS: tuple[tuple[str, str], ...] = (
+# the exception types: the texts PyTorch raises for each way of running out of memory (caching
+# allocators, raw CUDA/HIP, cuBLAS/cuDNN allocations, the host allocator), for batch limits that
+# are not memory, and for sticky device errors after which only a new process recovers.
+OOM_PATTERNS: tuple[tuple[str, FailureKind], ...] = (
     ("batchprobe budget", "budget"),
     ("cuda out of memory", "allocator"),
     ("cuda error: out of memory", "cuda-runtime"),
@@ -56,32 +61,6 @@ STICKY_PATTERNS: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class Failure:
-    outcome: Outcome
-    kind: str  # budget | allocator | cublas | cudnn | host | limit | sticky | error ...
-    error_type: str
-    message: str
-    traceback: str | None = None
-
-    @property
-    def sticky(self) -> bool:
-        return self.kind == "sticky"
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "outcome": self.outcome.value,
-            "kind": self.kind,
-            "error_type": self.error_type,
-            "message": self.message,
-            "traceback": self.traceback,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Failure:
-        return cls(Outcome(d["outcome"]), d["kind"], d["error_type"], d["message"], d["traceback"])
-
-
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     current: BaseException | None = exc
@@ -102,7 +81,7 @@ def classify(exc: BaseException) -> Failure:
             return Failure(Outcome.OOM, "host", name, message)
         if isinstance(e, torch.OutOfMemoryError):
             text = str(e).lower()
-            kind = next((k for p, k in OOM_PATTERNS if p in text), "allocator")
+            kind: FailureKind = next((k for p, k in OOM_PATTERNS if p in text), "allocator")
             return Failure(Outcome.OOM, kind, name, message)
     for e in chain:
         text = str(e).lower()
@@ -120,64 +99,6 @@ def classify(exc: BaseException) -> Failure:
 
 def _format(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    batch_size: int
-    outcome: Outcome
-    peak_bytes: int | None
-    seconds: float
-    reserved_bytes: int | None = None
-    retained_bytes: int = 0  # still held after recovery: should be 0
-    alloc_retries: int = 0
-    failure: Failure | None = None
-    reused: bool = False  # answered from an earlier probe's measured peak, not run again
-    line_bytes: int | None = None  # peak of forward/backward alone (grows with the batch)
-    isolated: bool = False  # ran in a child process
-
-    def observation(self) -> Observation:
-        if self.outcome is not Outcome.FIT:
-            return Observation(self.outcome)
-        return Observation(self.outcome, self.peak_bytes, self.line_bytes)
-
-    def to_dict(self) -> dict[str, object]:
-        d: dict[str, object] = {
-            "batch_size": self.batch_size,
-            "outcome": self.outcome.value,
-            "peak_bytes": self.peak_bytes,
-            "seconds": round(self.seconds, 4),
-        }
-        if self.reserved_bytes is not None:
-            d["reserved_bytes"] = self.reserved_bytes
-        if self.alloc_retries:
-            d["alloc_retries"] = self.alloc_retries
-        if self.retained_bytes:
-            d["retained_bytes"] = self.retained_bytes
-        if self.reused:
-            d["reused"] = True
-        if self.failure is not None:
-            d["kind"] = self.failure.kind
-            d["error_type"] = self.failure.error_type
-            d["message"] = self.failure.message
-        if self.isolated:
-            d["isolated"] = True
-        return d
-
-    def to_record(self) -> dict[str, Any]:
-        """Everything, for passing between processes."""
-        return {
-            **{k: v for k, v in self.__dict__.items() if k not in ("outcome", "failure")},
-            "outcome": self.outcome.value,
-            "failure": self.failure.to_dict() if self.failure else None,
-        }
-
-    @classmethod
-    def from_record(cls, d: Mapping[str, Any]) -> ProbeResult:
-        fields = dict(d)
-        fields["outcome"] = Outcome(fields["outcome"])
-        fields["failure"] = Failure.from_dict(fields["failure"]) if fields["failure"] else None
-        return cls(**fields)
 
 
 def is_thrashing(retries_per_step: Sequence[int]) -> bool:
@@ -220,7 +141,8 @@ def run_probe(
     meter = None
     retained = 0
     try:
-        with backend.track(step) as meter:
+        with backend.track(step.persistent_tensors()) as meter:
+            step.observer = meter
             _run_steps(step, batch_size, steps, dry_run)
             backend.synchronize()
     except Exception as exc:
@@ -228,6 +150,7 @@ def run_probe(
     finally:
         # Recovery runs here, outside the except block: `exc` and its frames are gone.
         seconds = time.perf_counter() - started
+        step.observer = None
         step.end()
         # A completed probe frees everything by reference counting; a failed one may leave
         # reference cycles (traceback frames), and only then is a full collection worth it.
@@ -239,77 +162,45 @@ def run_probe(
                 retained = meter.retained_bytes()
             meter.close()
     assert meter is not None
-    if failure is None and is_thrashing(meter.step_retries):
+    figures = meter.figures
+    if failure is None and is_thrashing(figures.step_retries):
         failure = Failure(
             Outcome.OOM,
             "thrash",
             "AllocatorThrash",
-            f"allocator retries in consecutive steps ({meter.step_retries}): on the edge of an OOM",
+            f"allocator retries in consecutive steps ({figures.step_retries}): on the edge of "
+            "an OOM",
         )
     return ProbeResult(
         batch_size=batch_size,
         outcome=failure.outcome if failure else Outcome.FIT,
-        peak_bytes=meter.peak_bytes,
-        reserved_bytes=meter.reserved_bytes,
+        peak_bytes=figures.peak_bytes,
+        reserved_bytes=figures.reserved_bytes,
         seconds=seconds,
         retained_bytes=retained,
-        alloc_retries=meter.alloc_retries,
+        alloc_retries=figures.alloc_retries,
         failure=failure,
-        line_bytes=meter.line_bytes,
+        line_bytes=figures.line_bytes,
     )
 
 
-@dataclass
-class FindMaxResult:
-    search: SearchResult
-    probes: list[ProbeResult]
-    device: DeviceInfo
-    budget_bytes: int | None
-    limit_bytes: int | None
-    strategy: str
-    seconds: float
-    warnings: list[str] = field(default_factory=list)
-    guess: int | None = None  # the estimate the search started from (strategy estimate)
-    poisoned: bool = False  # an in-process probe hit a sticky device error
-    world_size: int = 1  # ranks that probed together (torchrun)
-
-    @property
-    def max_batch_size(self) -> int | None:
-        return self.search.best
-
-    @property
-    def interrupted(self) -> bool:
-        return self.search.stopped == "interrupted"
-
-    @property
-    def error(self) -> ProbeResult | None:
-        return next((p for p in self.probes if p.outcome is Outcome.ERROR), None)
-
-    def probe_at(self, batch_size: int | None) -> ProbeResult | None:
-        return next(
-            (p for p in self.probes if p.batch_size == batch_size and p.outcome is Outcome.FIT),
-            None,
-        )
-
-    @property
-    def peak_bytes(self) -> int | None:
-        probe = self.probe_at(self.max_batch_size)
-        return probe.peak_bytes if probe else None
+Prober = Callable[[int], ProbeResult]
 
 
-ProbeCallback = Callable[[ProbeResult], None]
+class ProbeProgress(Protocol):
+    """Told when a probe starts and what it found."""
+
+    def probe_started(self, batch_size: int) -> None: ...
+
+    def probe_done(self, result: ProbeResult) -> None: ...
 
 
-class _Watched:
+class WatchedProber:
     """Runs probes and watches what they leave: warns about memory still held, and switches to
     isolated probes when a sticky device error (or memory held after a failure) means this
-    process can no longer be trusted."""
+    process can no longer be trusted. Once switched, it stays switched."""
 
-    def __init__(
-        self,
-        run: Callable[[int], ProbeResult],
-        isolate: Callable[[], Callable[[int], ProbeResult]] | None,
-    ) -> None:
+    def __init__(self, run: Prober, isolate: Callable[[], Prober] | None) -> None:
         self.run = run
         self.isolate = isolate
         self.warnings: list[str] = []
@@ -346,68 +237,47 @@ class _Watched:
         return result
 
 
-def find_max(
-    step: TrainStep,
-    backend: Backend,
-    *,
-    start: int = 1,
-    cap: int = 65536,
-    strategy: str = "auto",
-    steps: int = 2,
-    on_start: Callable[[int], None] | None = None,
-    on_probe: ProbeCallback | None = None,
-    prober: Callable[[int], ProbeResult] | None = None,
-    known: Mapping[int, int] | None = None,
-    guess: int | None = None,
-    isolate: Callable[[], Callable[[int], ProbeResult]] | None = None,
-    limit_bytes: int | None = None,
-) -> FindMaxResult:
-    """Drive a search strategy with real probes. Ctrl-C ends it with the probes made so far.
+@dataclass
+class Driven:
+    """What a driven search did: every probe (run or reused) and what the strategy was told."""
 
-    `known` maps batch sizes to peaks measured earlier (completed probes): against the current
-    limit they answer without running again (peak <= limit: fit, else oom).
-    `isolate` makes a prober that runs each probe in a child process: the search switches to it
-    when an in-process probe hits a sticky device error (the probe is run again, isolated) or
-    leaves memory behind after a failure.
-    """
-    limit = limit_bytes or backend.budget_bytes or backend.free_bytes_at_start
-    name = strategy if strategy != "auto" else ("predict" if limit else "doubling")
-    gen = make_strategy(name, start, cap, limit, guess)
-    watched = _Watched(prober or (lambda b: run_probe(step, backend, b, steps)), isolate)
-    probes: list[ProbeResult] = []
-    interrupted = False
-    started = time.perf_counter()
+    probes: list[ProbeResult] = field(default_factory=list)
+    observations: list[tuple[int, Observation]] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def drive(
+    strategy: StrategyGen,
+    prober: Prober,
+    *,
+    limit_bytes: int | None = None,
+    known: Mapping[int, ProbeResult] | None = None,
+    progress: ProbeProgress | None = None,
+) -> Driven:
+    """Drive a search strategy with probes until it ends; Ctrl-C ends it with what it has.
+
+    Each outcome is judged against `limit_bytes` (a completed probe whose peak is above it did
+    not fit: plan's headroom search runs under the full budget but asks about less). `known`
+    holds completed probes from earlier: they answer again without running."""
+    done = Driven()
     try:
-        b = next(gen)
+        b = next(strategy)
         while True:
-            if known is not None and b in known and limit:
-                fits = known[b] <= limit
-                result = ProbeResult(
-                    b, Outcome.FIT if fits else Outcome.OOM, known[b], 0.0, reused=True
-                )
+            earlier = known.get(b) if known is not None else None
+            if earlier is not None:
+                result = replace(earlier, reused=True, seconds=0.0)
             else:
-                if on_start is not None:
-                    on_start(b)
-                result = watched(b)
-            probes.append(result)
-            if on_probe is not None:
-                on_probe(result)
-            b = gen.send(result.observation())
+                if progress is not None:
+                    progress.probe_started(b)
+                result = prober(b)
+            observation = result.observation(limit_bytes)
+            done.probes.append(result)
+            done.observations.append((b, observation))
+            if progress is not None:
+                progress.probe_done(result)
+            b = strategy.send(observation)
     except StopIteration:
         pass
     except KeyboardInterrupt:
-        interrupted = True
-    outcome = summarize(
-        [(p.batch_size, p.observation()) for p in probes], cap, interrupted=interrupted
-    )
-    return FindMaxResult(
-        search=outcome,
-        probes=probes,
-        device=backend.info(),
-        budget_bytes=backend.budget_bytes,
-        limit_bytes=limit,
-        strategy=name,
-        seconds=time.perf_counter() - started,
-        warnings=watched.warnings,
-        poisoned=watched.poisoned,
-    )
+        done.interrupted = True
+    return done

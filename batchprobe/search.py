@@ -14,6 +14,7 @@ import enum
 import math
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 
 class Outcome(str, enum.Enum):
@@ -80,7 +81,8 @@ def predictive(start: int, cap: int, limit_bytes: int) -> StrategyGen:
     """Jump near the boundary using the measured peaks, then bracket and finish exactly.
 
     Memory is modelled as max(optimizer-step peak, intercept + slope * b): flat while the optimizer
-    step dominates, affine once activations do (REFERENCE: 27.1 -> 28.7 -> 56.9 MB at 1, 2, 8).
+    step dominates, affine once activations do (a 2-layer LSTM measured 27.1 -> 28.7 -> 56.9 MB
+    at batch 1, 2, 8).
     Backends report the forward/backward part apart (`Observation.line_bytes`), so the line is
     fitted on the part that grows with the batch.
     - Growing: `b * (limit / peak - 1)` still fits under that model whatever the split between
@@ -183,24 +185,91 @@ def seeded(guess: int, cap: int) -> StrategyGen:
         step *= 2
 
 
+@dataclass(frozen=True)
+class SearchContext:
+    """What a strategy may know before its first probe."""
+
+    start: int = 1
+    cap: int = 65536
+    limit_bytes: int | None = None  # the memory a probe may use
+    guess: int | None = None  # the boundary a fake-tensor trace predicts
+
+
+@dataclass(frozen=True)
+class StrategyInfo:
+    name: str
+    doc: str  # one line, for --help and README
+    make: Callable[[SearchContext], StrategyGen]
+    needs_limit: bool = False
+    needs_guess: bool = False
+
+    def usable(self, ctx: SearchContext) -> bool:
+        return (not self.needs_limit or bool(ctx.limit_bytes)) and (
+            not self.needs_guess or ctx.guess is not None
+        )
+
+
+STRATEGIES: dict[str, StrategyInfo] = {}
+#: what `auto` means, best first; a named strategy whose inputs are missing falls back along it
+AUTO_ORDER = ("estimate", "predict", "doubling")
+
+
+def register(info: StrategyInfo) -> None:
+    STRATEGIES[info.name] = info
+
+
+register(
+    StrategyInfo(
+        "estimate",
+        "start at the fake-tensor estimate, step outward by 1, 2, 4, ..., then bisect",
+        lambda ctx: seeded(ctx.guess or 1, ctx.cap),
+        needs_limit=True,
+        needs_guess=True,
+    )
+)
+register(
+    StrategyInfo(
+        "predict",
+        "jump to where the measured peaks cross the limit, then bracket and bisect",
+        lambda ctx: predictive(ctx.start, ctx.cap, ctx.limit_bytes or 0),
+        needs_limit=True,
+    )
+)
+register(
+    StrategyInfo(
+        "doubling",
+        "double from probe.start until the first failure, then bisect",
+        lambda ctx: doubling(ctx.start, ctx.cap),
+    )
+)
+
+
+def candidates(requested: str) -> tuple[str, ...]:
+    """The strategies to try, in order, for a requested name: `auto` is the preference order; a
+    named strategy falls back to those after it (doubling needs nothing, so it always runs)."""
+    if requested == "auto":
+        return AUTO_ORDER
+    if requested not in STRATEGIES:
+        raise ValueError(f"unknown strategy {requested!r}")
+    if requested in AUTO_ORDER:
+        return AUTO_ORDER[AUTO_ORDER.index(requested) :]
+    return (requested, "doubling")
+
+
+def choose(requested: str, ctx: SearchContext) -> StrategyInfo:
+    """The first usable strategy among `candidates(requested)` (doubling always is)."""
+    return next(STRATEGIES[n] for n in candidates(requested) if STRATEGIES[n].usable(ctx))
+
+
 def make_strategy(
     name: str, start: int, cap: int, limit_bytes: int | None, guess: int | None = None
 ) -> StrategyGen:
-    """'auto' is the predictive search when a memory limit is known, else doubling; 'estimate'
-    starts from `guess` (the fake-tensor estimate of the boundary)."""
-    if name == "auto":
-        name = "predict" if limit_bytes else "doubling"
-    if name == "estimate":
-        if guess is None:
-            raise ValueError("the estimate strategy needs a guessed boundary")
-        return seeded(guess, cap)
-    if name == "predict":
-        if not limit_bytes:
-            raise ValueError("the predictive strategy needs a memory limit in bytes")
-        return predictive(start, cap, limit_bytes)
-    if name == "doubling":
-        return doubling(start, cap)
-    raise ValueError(f"unknown strategy {name!r}")
+    """A strategy generator for `name` (`auto` resolved by `choose`)."""
+    ctx = SearchContext(start, cap, limit_bytes, guess)
+    return choose(name, ctx).make(ctx)
+
+
+Stopped = Literal["boundary", "cap", "error", "interrupted", "nothing-fits", "incomplete"]
 
 
 @dataclass(frozen=True)
@@ -211,7 +280,7 @@ class SearchResult:
     exact: bool  # best fit and best+1 was tried and did not (or best == cap)
     capped: bool  # best == cap: larger sizes were not tried
     probes: tuple[tuple[int, Observation], ...]
-    stopped: str  # boundary | cap | error | interrupted | nothing-fits | incomplete
+    stopped: Stopped
 
     @property
     def num_probes(self) -> int:
@@ -228,6 +297,7 @@ def summarize(
     error = any(o.outcome is Outcome.ERROR for _, o in probes)
     capped = best is not None and best >= cap
     exact = best is not None and (capped or (best + 1) in failed)
+    stopped: Stopped
     if interrupted:
         stopped = "interrupted"
     elif error:
@@ -247,9 +317,10 @@ def search(
     cap: int = 65536,
     strategy: str = "doubling",
     limit_bytes: int | None = None,
+    guess: int | None = None,
 ) -> SearchResult:
     """Run a strategy against a plain function: `search(lambda b: b <= 37)`."""
-    gen = make_strategy(strategy, start, cap, limit_bytes)
+    gen = make_strategy(strategy, start, cap, limit_bytes, guess)
     probes: list[tuple[int, Observation]] = []
     try:
         b = next(gen)

@@ -11,7 +11,6 @@ import dataclasses
 import difflib
 import inspect
 import math
-import re
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,14 +20,18 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from batchprobe.backends import device_help, is_device_name
 from batchprobe.errors import Problem, SpecError
+from batchprobe.search import STRATEGIES
 from batchprobe.units import MemorySize, parse_bytes, parse_memory_size
 
 Precision = Literal["fp32", "bf16", "fp16"]
 OptimizerName = Literal["sgd", "adam", "adamw", "none"]
+#: the torch.optim class of each optimizer name (the one table: step, spec checks, snippets)
+OPTIMIZER_CLASSES: dict[str, str] = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
 InputKind = Literal["tokens", "image", "tensor", "callable"]
 Task = Literal["causal-lm", "masked-lm", "seq-cls", "image-cls"]
-Strategy = Literal["auto", "doubling", "predict", "estimate"]
+Strategy = Literal["auto", "estimate", "predict", "doubling"]  # checked against search.STRATEGIES
 Parallel = Literal["auto", "none", "ddp", "fsdp"]
 LrScaling = Literal["auto", "linear", "sqrt", "none"]
 
@@ -105,7 +108,7 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class ProbeSpec:
-    device: str = field(default="auto", metadata=_doc("auto | cuda | cuda:N | cpu"))
+    device: str = field(default="auto", metadata=_doc(device_help()))
     memory_budget: MemorySize | None = field(
         default=None, metadata=_doc("'24GiB' | 0.9 | null (CPU default: half the available RAM)")
     )
@@ -114,7 +117,10 @@ class ProbeSpec:
     steps: int = field(default=2, metadata=_doc("full training steps per probe", min=2))
     strategy: Strategy = field(
         default="auto",
-        metadata=_doc("auto (estimate, else predict) | doubling | predict | estimate"),
+        metadata=_doc(
+            "auto (estimate, else predict, else doubling) | "
+            + " | ".join(f"{s.name}: {s.doc}" for s in STRATEGIES.values())
+        ),
     )
     isolate: bool = field(default=False, metadata=_doc("run each probe in a child process"))
     timeout_s: float = field(default=600.0, metadata=_doc("isolated probe timeout, seconds", gt=0))
@@ -604,14 +610,11 @@ def _check_range(value: Any, meta: Mapping[str, Any]) -> None:
             raise _Invalid(f"must be at most {meta['max']}, got {v:g}")
 
 
-_OPTIMIZER_CLASSES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
-
-
 def optimizer_parameters(name: str) -> list[str]:
     """Constructor arguments of a torch optimizer, other than params and lr."""
     import torch.optim
 
-    cls = getattr(torch.optim, _OPTIMIZER_CLASSES[name])
+    cls = getattr(torch.optim, OPTIMIZER_CLASSES[name])
     return [p for p in inspect.signature(cls).parameters if p not in ("self", "params", "lr")]
 
 
@@ -632,8 +635,8 @@ def _cross_checks(spec: Spec, lines: dict[str, int]) -> list[Problem]:
                     f"train.optimizer.{key}",
                     f"not an argument of {opt.name}{hint} (accepted: {', '.join(allowed)})",
                 )
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec.probe.device.strip().lower()):
-        add("probe.device", f"must be auto, cpu, cuda or cuda:N, got {spec.probe.device!r}")
+    if not is_device_name(spec.probe.device):
+        add("probe.device", f"must be one of {device_help()}, got {spec.probe.device!r}")
     if spec.estimate.gpu is not None:
         from batchprobe.gpus import GPUS, lookup, suggest
 
@@ -678,6 +681,14 @@ def _cross_checks(spec: Spec, lines: dict[str, int]) -> list[Problem]:
             "transformers:TYPE, pkg.module:factory or path/file.py:factory",
         )
     return problems
+
+
+def key_doc(path: str) -> str:
+    """The documentation of one spec key (what --help shows for the flag that sets it)."""
+    for key, _, doc in describe_keys():
+        if key == path:
+            return doc
+    raise KeyError(path)
 
 
 def describe_keys() -> list[tuple[str, str, str]]:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from batchprobe.sources import Batch, Workload
-from batchprobe.spec import TrainSpec
+from batchprobe.spec import OPTIMIZER_CLASSES, TrainSpec
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -77,12 +77,9 @@ class TrainStep:
             self.runner = self.wrap(self.model)
         spec = self.train_spec.optimizer
         params = [p for p in self.parameters() if p.requires_grad]
-        if spec.name == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=spec.lr, **spec.kwargs)
-        elif spec.name == "adam":
-            self.optimizer = torch.optim.Adam(params, lr=spec.lr, **spec.kwargs)
-        elif spec.name == "adamw":
-            self.optimizer = torch.optim.AdamW(params, lr=spec.lr, **spec.kwargs)
+        if spec.name in OPTIMIZER_CLASSES:
+            cls = getattr(torch.optim, OPTIMIZER_CLASSES[spec.name])
+            self.optimizer = cls(params, lr=spec.lr, **spec.kwargs)
         if self.train_spec.precision == "fp16" and not self.fake:
             # init_scale=1: with the default 2**16 the first steps often overflow and are skipped,
             # and a skipped step creates no optimizer state: the probe would under-count memory.

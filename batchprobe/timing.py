@@ -12,43 +12,11 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from batchprobe.backends import Backend
+from batchprobe.backends.base import Backend
+from batchprobe.results import StepTiming
 from batchprobe.step import TrainStep
-
-UNSTABLE_SPREAD = 0.10  # relative interquartile range above which a figure is flagged
-
-
-@dataclass(frozen=True)
-class StepTiming:
-    batch_size: int
-    fwd_bwd_s: float  # median over timed steps
-    optimizer_s: float  # median; optimizer.step + zero_grad (+ scaler)
-    step_s: float  # median of fwd_bwd + optimizer per step
-    spread: float  # (q75 - q25) / median of the step times
-    warmup_steps: int
-    timed_steps: int
-    #: forward+backward without gradient synchronization (distributed: accumulation steps but
-    #: the last skip the all-reduce); None on one device, where the two are the same
-    fwd_bwd_nosync_s: float | None = None
-
-    @property
-    def unstable(self) -> bool:
-        return self.spread > UNSTABLE_SPREAD
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "batch_size": self.batch_size,
-            "fwd_bwd_time_s": self.fwd_bwd_s,
-            "optimizer_time_s": self.optimizer_s,
-            "step_time_s": self.step_s,
-            "spread": round(self.spread, 4),
-            "warmup_steps": self.warmup_steps,
-            "timed_steps": self.timed_steps,
-            "fwd_bwd_nosync_time_s": self.fwd_bwd_nosync_s,
-        }
 
 
 def relative_spread(values: Sequence[float]) -> float:

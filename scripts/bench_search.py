@@ -65,7 +65,7 @@ def part1(cases: list[tuple[str, dict, str]]) -> list[dict]:
             gc.collect()
             gc.freeze()
             started = time.perf_counter()
-            result = session.find_max()
+            result = session.search()
             wall = time.perf_counter() - started
             results[strategy] = (
                 result.max_batch_size,
@@ -110,7 +110,7 @@ session = open_session(spec)
 soft, hard = resource.getrlimit(resource.RLIMIT_AS)
 resource.setrlimit(resource.RLIMIT_AS, ({limit}, hard))
 started = time.perf_counter()
-result = session.find_max()
+result = session.search()
 print(json.dumps({{"max": result.max_batch_size, "trials": [p.batch_size for p in result.probes],
                    "outcomes": [p.outcome.value for p in result.probes],
                    "seconds": time.perf_counter() - started}}))

@@ -10,6 +10,8 @@ from typer.testing import CliRunner
 
 from batchprobe.cli import app
 
+pytestmark = pytest.mark.slow  # each test here takes seconds
+
 runner = CliRunner()
 
 SPEC = """\

@@ -24,6 +24,7 @@ def run(*args: str):
     return runner.invoke(app, list(args))
 
 
+@pytest.mark.slow
 def test_find_max_quickstart_json_contract_and_exact_boundary() -> None:
     result = run(
         "find-max", "--config", QUICKSTART, "--device", "cpu", "--memory-budget", "1GiB", "--json"

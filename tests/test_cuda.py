@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from batchprobe.probe import find_max, run_probe
+from batchprobe.probe import run_probe
 from batchprobe.search import Outcome
 from batchprobe.units import MemorySize
 
@@ -22,7 +22,7 @@ def _gpu_session():
 
 def test_budget_caps_the_allocator_and_the_boundary_is_exact() -> None:
     s = _gpu_session()
-    result = find_max(s.step, s.backend, strategy="doubling")
+    result = s.search(strategy="doubling")
     assert result.search.exact
     best = result.max_batch_size
     assert run_probe(s.step, s.backend, best).outcome is Outcome.FIT
@@ -41,7 +41,7 @@ def test_phase_peaks_and_reserved_memory_are_reported() -> None:
 def test_memory_is_released_after_ooms() -> None:
     s = _gpu_session()
     before = torch.cuda.memory_allocated()
-    result = find_max(s.step, s.backend, strategy="doubling")
+    result = s.search(strategy="doubling")
     assert any(p.outcome is Outcome.OOM for p in result.probes)
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before

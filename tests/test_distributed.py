@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each test here takes seconds
+
 ROOT = Path(__file__).parent.parent
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")

@@ -8,9 +8,9 @@ from typer.testing import CliRunner
 
 from batchprobe.cli import app
 from batchprobe.estimate import Allowance, Tracer
+from batchprobe.flows.estimate import run as run_estimate
 from batchprobe.gpus import lookup, match_device_name
-from batchprobe.probe import find_max, run_probe
-from batchprobe.session import run_estimate
+from batchprobe.probe import run_probe
 from batchprobe.spec import load_spec
 
 from helpers import budget_for, session
@@ -78,6 +78,7 @@ def test_estimate_predicts_the_cpu_boundary_exactly() -> None:
     assert run.result.max_batch_size == 11 and run.result.search.exact
 
 
+@pytest.mark.slow
 def test_estimate_strategy_reaches_the_boundary_in_two_real_probes() -> None:
     s = session(
         "zoo:cnn", model={"kwargs": {"width": 8, "depth": 2}}, probe={"strategy": "estimate"}
@@ -85,11 +86,11 @@ def test_estimate_strategy_reaches_the_boundary_in_two_real_probes() -> None:
     from batchprobe.units import MemorySize
 
     s.backend.set_budget(MemorySize(bytes=budget_for(s, 37)))
-    result = s.find_max()
+    result = s.search()
     assert result.max_batch_size == 37 and result.search.exact
     assert [p.batch_size for p in result.probes] == [37, 38]
     assert result.guess == 37
-    doubling = find_max(s.step, s.backend, strategy="doubling")
+    doubling = s.search(strategy="doubling")
     assert doubling.max_batch_size == 37 and len(doubling.probes) > 2
 
 
@@ -137,6 +138,7 @@ def test_untraceable_model_names_the_op_and_falls_back_to_probes() -> None:
     assert run.fallback is not None and run.fallback.max_batch_size and run.fallback.search.exact
 
 
+@pytest.mark.slow
 def test_estimate_cli_gpt2_small_on_h100(tmp_path: Path) -> None:
     result = runner.invoke(
         app,

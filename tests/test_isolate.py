@@ -11,35 +11,38 @@ from helpers import session
 TENSOR = {"kind": "tensor", "shape": [16], "num_classes": 4}
 
 
+@pytest.mark.slow
 def test_a_child_killed_by_sigkill_is_an_oom_and_the_search_goes_on() -> None:
     s = session(
         "user_models:killed_above", budget="64MiB", inputs=TENSOR,
         probe={"isolate": True, "timeout_s": 60, "strategy": "doubling", "start": 32},
     )  # fmt: skip
-    result = s.find_max()
+    result = s.search()
     assert result.max_batch_size == 39 and result.search.exact
     killed = [p for p in result.probes if p.failure is not None]
     assert killed and all(p.outcome is Outcome.OOM and p.failure.kind == "killed" for p in killed)  # type: ignore[union-attr]
     assert all(p.isolated for p in result.probes)
 
 
+@pytest.mark.slow
 def test_a_hanging_child_is_a_timeout_and_the_search_goes_on() -> None:
     s = session(
         "user_models:hangs_above", budget="64MiB", inputs=TENSOR,
         probe={"isolate": True, "timeout_s": 4, "strategy": "doubling", "start": 16},
     )  # fmt: skip
-    result = s.find_max()
+    result = s.search()
     assert result.max_batch_size == 23 and result.search.exact
     hung = [p for p in result.probes if p.failure is not None]
     assert {p.failure.kind for p in hung} == {"timeout"}  # type: ignore[union-attr]
     assert all(p.outcome is Outcome.LIMIT and p.seconds < 30 for p in hung)
 
 
+@pytest.mark.slow
 def test_a_sticky_error_in_process_switches_to_isolation() -> None:
     s = session(
         "user_models:sticky_above", budget="64MiB", inputs=TENSOR, probe={"strategy": "doubling"}
     )
-    result = s.find_max()
+    result = s.search()
     assert result.max_batch_size == 11 and result.search.exact
     assert result.poisoned and s.poisoned
     assert any("switching to isolated probes" in w for w in result.warnings)

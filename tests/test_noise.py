@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 from batchprobe.cli import app
 from batchprobe.examples import regression_noise_scale
-from batchprobe.noise import NoiseStats, samples_factor, steps_factor
-from batchprobe.session import open_session, run_noise
+from batchprobe.flows.noise import run as run_noise
+from batchprobe.results import NoiseStats, samples_factor, steps_factor
+from batchprobe.session import open_session
 from batchprobe.spec import load_spec
 
 ROOT = Path(__file__).parent.parent
@@ -63,8 +64,9 @@ def test_estimator_recovers_exact_expectations() -> None:
 def test_unresolved_gradient_is_said() -> None:
     from rich.console import Console
 
-    from batchprobe.report import noise_json, noise_panel
-    from batchprobe.session import NoiseRun
+    from batchprobe.report.json import noise_json
+    from batchprobe.report.noise import noise_panel
+    from batchprobe.results import NoiseRun
 
     stats = NoiseStats(8, 64)
     for _ in range(5):  # the big batch's norm is far below the small one's: |G|^2 estimate < 0

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from batchprobe.probe import classify, find_max, run_probe
+from batchprobe.probe import classify, run_probe
 from batchprobe.search import Outcome
 from batchprobe.units import MemorySize
 
@@ -112,16 +112,17 @@ FAMILIES = {
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("strategy", ["doubling", "predict", "auto"])
+@pytest.mark.slow
 def test_boundary_is_exact_against_a_brute_force_scan(family: str, strategy: str) -> None:
     source, sections, target = FAMILIES[family]
     sections = {k: v for k, v in sections.items() if k != "model"} | {"model": sections["model"]}
     s = session(source, **sections)
     s.backend.set_budget(MemorySize(bytes=budget_for(s, target)))
     if strategy == "auto":  # the default: from the fake-tensor estimate, through the session
-        result = s.find_max()
+        result = s.search()
         assert result.guess is not None and len(result.probes) == 2
     else:
-        result = find_max(s.step, s.backend, strategy=strategy)
+        result = s.search(strategy=strategy)
     assert result.search.exact
     best = result.max_batch_size
     assert best is not None
@@ -144,7 +145,7 @@ def test_no_memory_held_after_a_search_with_several_ooms() -> None:
     s = session("zoo:gpt", model={"kwargs": {"n_layer": 2, "n_embd": 64, "vocab_size": 512}})
     s.backend.set_budget(MemorySize(bytes=budget_for(s, 9)))
     before = _live_tensor_ids()
-    result = find_max(s.step, s.backend, strategy="doubling")
+    result = s.search(strategy="doubling")
     after = _live_tensor_ids()
     ooms = [p for p in result.probes if p.outcome is Outcome.OOM]
     assert len(ooms) >= 3
@@ -186,7 +187,7 @@ def test_model_error_is_an_error_outcome_that_stops_the_search() -> None:
         "user_models:broken",
         inputs={"kind": "tensor", "shape": [16], "num_classes": 4},
     )
-    result = find_max(s.step, s.backend, strategy="doubling")
+    result = s.search(strategy="doubling")
     assert result.search.stopped == "error"
     error = result.error
     assert error is not None and error.batch_size == 8
@@ -203,6 +204,7 @@ def test_callable_inputs_and_model_loss() -> None:
     assert result.outcome is Outcome.FIT and result.peak_bytes
 
 
+@pytest.mark.slow
 def test_real_host_allocator_failure_is_an_oom(tmp_path) -> None:
     # An address-space limit makes the host allocator itself fail (no budget involved).
     script = textwrap.dedent(

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from batchprobe.errors import ModelError, SpecError
-from batchprobe.session import open_session, run_noise
+from batchprobe.flows.noise import run as run_noise
+from batchprobe.session import open_session
 from batchprobe.sources import SOURCES, build_workload
 from batchprobe.sources.inputs import wire
 from batchprobe.spec import load_spec

@@ -66,6 +66,7 @@ def test_channels_last_images() -> None:
     assert run_probe(s.step, s.backend, 8).outcome is Outcome.FIT
 
 
+@pytest.mark.slow
 def test_compiled_model_is_timed_compiled() -> None:
     import torch._dynamo.utils as dynamo_utils
 

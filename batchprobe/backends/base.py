@@ -1,30 +1,23 @@
-"""What a device backend offers: memory figures, a budget, cleanup and timers. Nothing else."""
+"""What a device backend offers, as Protocols: memory figures, a budget, cleanup, timers, and the
+facts the rest of batchprobe asks of a device (collective backend, peak FLOP/s, the estimate's
+allowance). Nothing else."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from batchprobe.step import TrainStep
+from batchprobe.results import Allowance, DeviceInfo
+from batchprobe.spec import EstimateSpec, Precision
 from batchprobe.units import MemorySize
 
 
-@dataclass(frozen=True)
-class DeviceInfo:
-    device: str
-    name: str
-    capacity_bytes: int
-    free_bytes: int | None
-    torch_version: str
-    details: dict[str, Any] = field(default_factory=dict)
-
-
 @dataclass
-class Meter:
+class MemoryFigures:
     """Memory figures of one tracked region (a probe)."""
 
     peak_bytes: int = 0
@@ -42,12 +35,24 @@ class Meter:
         values = [self.phase_peaks[p] for p in ("forward", "backward") if p in self.phase_peaks]
         return max(values) if values else None
 
+
+class Meter(Protocol):
+    """A tracked region. It is also the training step's observer: told each phase, and which
+    tensors are gradients and optimizer state."""
+
+    figures: MemoryFigures
+
+    def phase(self, name: str) -> None: ...
+
+    def mark(self, tensors: Iterable[torch.Tensor], tag: str) -> None: ...
+
     def retained_bytes(self) -> int:
         """Bytes allocated inside the region that are still held (call after cleanup)."""
-        raise NotImplementedError
+        ...
 
     def close(self) -> None:
         """Release what the meter holds; call after `retained_bytes()`."""
+        ...
 
 
 class Backend(Protocol):
@@ -58,6 +63,8 @@ class Backend(Protocol):
     budget_is_default: bool
     #: free bytes when the backend was created (CUDA: mem_get_info; CPU: MemAvailable)
     free_bytes_at_start: int | None
+    #: torch.distributed backend for the data collectives under torchrun (nccl, gloo)
+    collective_backend: str
 
     def info(self) -> DeviceInfo: ...
 
@@ -65,10 +72,9 @@ class Backend(Protocol):
         """Cap what probes may use; None means the backend's default. Returns the cap in bytes."""
         ...
 
-    def track(
-        self, step: TrainStep, extra_roots: Sequence[torch.Tensor] = ()
-    ) -> AbstractContextManager[Meter]:
-        """Measure peak memory of the steps run inside; enforce the budget."""
+    def track(self, persistent: Sequence[torch.Tensor]) -> AbstractContextManager[Meter]:
+        """Measure peak memory of the steps run inside; enforce the budget. `persistent`: the
+        tensors that live across steps (parameters, buffers)."""
         ...
 
     def synchronize(self) -> None: ...
@@ -81,4 +87,38 @@ class Backend(Protocol):
 
     def elapsed_s(self, start: Any, end: Any) -> float:
         """Seconds between two marks (synchronizes)."""
+        ...
+
+    def ddp_device_ids(self) -> list[int] | None:
+        """`device_ids` for DistributedDataParallel (None on the CPU)."""
+        ...
+
+    def peak_flops(self, precision: Precision) -> float | None:
+        """The device's dense peak FLOP/s for this precision, when known (for MFU)."""
+        ...
+
+    def estimate_target(self, estimate: EstimateSpec) -> tuple[str, int, Allowance]:
+        """(what, capacity, allowance) when `estimate` targets this device itself."""
+        ...
+
+
+class BackendType(Protocol):
+    """What a backend class answers before any device is opened."""
+
+    def __call__(self, index: int | None = None, local_rank: int | None = None) -> Backend: ...
+
+    def is_available(self) -> bool: ...
+
+    def device_count(self) -> int: ...
+
+    def unavailable(self, name: str) -> str:
+        """Why `name` cannot be opened here, and the fix."""
+        ...
+
+    def allowance(self, estimate: EstimateSpec) -> Allowance:
+        """What this kind of device adds to a traced peak (for `estimate` targets)."""
+        ...
+
+    def describe(self) -> dict[str, object]:
+        """This backend's part of `batchprobe env`."""
         ...

@@ -9,15 +9,16 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from batchprobe.backends.base import DeviceInfo, Meter
+from batchprobe.backends.base import MemoryFigures
 from batchprobe.memory import StorageLedger, TrackingMode
-from batchprobe.step import TrainStep
+from batchprobe.results import Allowance, DeviceInfo
+from batchprobe.spec import EstimateSpec, Precision
 from batchprobe.units import MemorySize
 
 DEFAULT_BUDGET_FRACTION = 0.5
@@ -49,28 +50,65 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "CPU"
 
 
-class CpuMeter(Meter):
+class CpuMeter:
+    """The ledger of one probe; the step's observer."""
+
     def __init__(self, ledger: StorageLedger) -> None:
-        super().__init__()
         self.ledger = ledger
+        self.figures = MemoryFigures(start_bytes=ledger.live_bytes)
+
+    def phase(self, name: str) -> None:
+        self.ledger.phase(name)
+
+    def mark(self, tensors: Iterable[torch.Tensor], tag: str) -> None:
+        self.ledger.mark(tensors, tag)
 
     def retained_bytes(self) -> int:
         """Net growth of live bytes since the probe began: new storages still alive, less any
         persistent storage the probe freed (FSDP, for one, replaces buffers between steps)."""
-        return max(0, self.ledger.live_bytes - self.start_bytes)
+        return max(0, self.ledger.live_bytes - self.figures.start_bytes)
 
     def close(self) -> None:
         self.ledger.close()
 
 
 class CpuBackend:
-    def __init__(self) -> None:
+    collective_backend = "gloo"
+
+    def __init__(self, index: int | None = None, local_rank: int | None = None) -> None:
         self.device = torch.device("cpu")
         self.free_bytes_at_start: int | None = available_ram_bytes()
         self.capacity_bytes = self.free_bytes_at_start or 0
         self.budget_bytes: int | None = int(DEFAULT_BUDGET_FRACTION * self.capacity_bytes)
         self.budget_is_default = True
 
+    # -- what the class answers before a device is opened -----------------------------------
+    @staticmethod
+    def is_available() -> bool:
+        return True
+
+    @staticmethod
+    def device_count() -> int:
+        return 1
+
+    @staticmethod
+    def unavailable(name: str) -> str:
+        return f"device {name!r} is not available"
+
+    @staticmethod
+    def allowance(estimate: EstimateSpec) -> Allowance:
+        """Nothing: the ledger counts exactly what a trace counts."""
+        return Allowance()
+
+    @staticmethod
+    def describe() -> dict[str, object]:
+        return {
+            "cpu": cpu_name(),
+            "cpu_threads": torch.get_num_threads(),
+            "ram_available_bytes": available_ram_bytes(),
+        }
+
+    # -- the device -------------------------------------------------------------------------
     def info(self) -> DeviceInfo:
         return DeviceInfo(
             device="cpu",
@@ -95,20 +133,16 @@ class CpuBackend:
         return self.budget_bytes
 
     @contextmanager
-    def track(self, step: TrainStep, extra_roots: Sequence[torch.Tensor] = ()) -> Iterator[Meter]:
+    def track(self, persistent: Sequence[torch.Tensor]) -> Iterator[CpuMeter]:
         ledger = StorageLedger(budget_bytes=self.budget_bytes)
-        ledger.mark(step.persistent_tensors(), "parameters")
-        ledger.mark(extra_roots, "parameters")
+        ledger.mark(persistent, "parameters")
         meter = CpuMeter(ledger)
-        meter.start_bytes = ledger.live_bytes
-        step.observer = ledger
         try:
             with TrackingMode(ledger):
                 yield meter
         finally:
-            step.observer = None
-            meter.peak_bytes = ledger.peak_bytes
-            meter.phase_peaks = dict(ledger.phase_peaks)
+            meter.figures.peak_bytes = ledger.peak_bytes
+            meter.figures.phase_peaks = dict(ledger.phase_peaks)
 
     def synchronize(self) -> None:
         return None
@@ -121,3 +155,17 @@ class CpuBackend:
 
     def elapsed_s(self, start: Any, end: Any) -> float:
         return float(end - start)
+
+    def ddp_device_ids(self) -> list[int] | None:
+        return None
+
+    def peak_flops(self, precision: Precision) -> float | None:
+        return None  # no datasheet peak for CPUs: give plan.peak_tflops for MFU
+
+    def estimate_target(self, estimate: EstimateSpec) -> tuple[str, int, Allowance]:
+        """The CPU's own budget, with no allowance: the estimate is what find-max will measure."""
+        assert self.budget_bytes is not None
+        return f"cpu budget ({cpu_name()})", self.budget_bytes, self.allowance(estimate)
+
+
+BACKEND = CpuBackend

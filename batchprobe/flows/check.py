@@ -6,72 +6,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from batchprobe.probe import ProbeResult, find_max
+from batchprobe.flows.progress import Progress
+from batchprobe.results import CheckOutcome, CheckRun, Expectation, ProbeResult, StepTiming
 from batchprobe.search import Outcome
 from batchprobe.session import Session
 from batchprobe.spec import Spec
-from batchprobe.timing import StepTiming
 from batchprobe.units import format_bytes
-
-
-@dataclass(frozen=True)
-class Expectation:
-    name: str  # max_batch_size | samples_per_s | tokens_per_s | peak_bytes
-    source: str  # spec | baseline
-    value: float
-    micro_batch_size: int | None = None
-
-    @property
-    def minimum(self) -> bool:
-        return self.name != "peak_bytes"
-
-
-@dataclass
-class CheckOutcome:
-    expectation: Expectation
-    tolerance: float
-    measured: float | None
-    passed: bool
-    detail: str = ""
-
-    @property
-    def threshold(self) -> float:
-        e = self.expectation
-        if e.name == "max_batch_size":  # a batch size: the smallest whole size that passes
-            return max(1, math.ceil(e.value * (1 - self.tolerance)))
-        return e.value * (1 - self.tolerance) if e.minimum else e.value * (1 + self.tolerance)
-
-    def to_dict(self) -> dict[str, Any]:
-        e = self.expectation
-        return {
-            "name": e.name if e.micro_batch_size is None else f"{e.name}@{e.micro_batch_size}",
-            "metric": e.name,
-            "source": e.source,
-            "micro_batch_size": e.micro_batch_size,
-            "expected": e.value,
-            "comparison": ">=" if e.minimum else "<=",
-            "threshold": self.threshold,
-            "tolerance": self.tolerance,
-            "measured": self.measured,
-            "passed": self.passed,
-            "detail": self.detail,
-        }
-
-
-@dataclass
-class CheckRun:
-    outcomes: list[CheckOutcome]
-    device: Any
-    seconds: float
-    baseline: dict[str, Any] | None = None  # what --update-baseline writes
-    interrupted: bool = False
-
-    @property
-    def passed(self) -> bool:
-        return all(o.passed for o in self.outcomes) and not self.interrupted
 
 
 def expectations(spec: Spec, baseline: dict[str, Any] | None) -> list[Expectation]:
@@ -102,11 +44,11 @@ def expectations(spec: Spec, baseline: dict[str, Any] | None) -> list[Expectatio
     return out
 
 
-def run_check(
+def run(
     session: Session,
     baseline: dict[str, Any] | None,
     update_baseline: bool = False,
-    on_event: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> CheckRun:
     """Measure only what the expectations need: a single probe per size asked about (a max
     batch of at least N holds iff N fits), a timing per throughput expectation. With
@@ -115,7 +57,7 @@ def run_check(
     spec = session.spec
     tol = spec.check.tolerance
     tokens = session.workload.inputs.tokens_per_sample
-    say = on_event or (lambda _: None)
+    say = (progress or Progress()).event
     probes: dict[int, ProbeResult] = {}
     timings: dict[int, StepTiming] = {}
     outcomes: list[CheckOutcome] = []
@@ -160,22 +102,15 @@ def _evaluate(
         if result.outcome is Outcome.FIT:
             return CheckOutcome(e, tol, need, True, f"{need} fits: the max is at least {need}")
         # failed: find the actual max (below `need`) so the report says how far it fell
-        p = session.spec.probe
-        fm = find_max(
-            session.step,
-            session.backend,
-            start=p.start,
-            cap=need - 1,
-            strategy="predict",
-            steps=p.steps,
-            prober=session.search_prober(),
-            limit_bytes=session.limit_bytes,
-        )
+        below = None
+        if need > 1:
+            start = min(session.spec.probe.start, need - 1)
+            below = session.search(cap=need - 1, start=start).max_batch_size
         why = result.failure.kind if result.failure else result.outcome.value
         return CheckOutcome(
             e,
             tol,
-            fm.max_batch_size,
+            below,
             False,
             f"{need} does not fit ({why}); measured: the max below",
         )
@@ -217,7 +152,7 @@ def _measure_baseline(
     say: Callable[[str], None],
 ) -> dict[str, Any]:
     say("find-max for the baseline")
-    fm = session.find_max()
+    fm = session.search()
     c = spec.check
     sizes = {
         t.micro_batch_size for t in (c.min_samples_per_s, c.min_tokens_per_s, c.max_peak_bytes) if t

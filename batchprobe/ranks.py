@@ -1,7 +1,10 @@
-"""torchrun: every rank probes the per-rank micro-batch, and every probe's outcome is agreed.
+"""One process or many: `Solo` and `Dist` (torchrun) answer the same questions — agree on a probe,
+any rank, timing, who speaks — and `open_ranks` picks one, once.
 
-The process group comes from the environment torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, ...):
-NCCL on GPU, gloo on CPU. Two kinds of collectives, on separate groups:
+Under torchrun every rank probes the per-rank micro-batch, and every probe's outcome is agreed.
+The process group comes from the environment torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, ...),
+with the device backend's collective backend (NCCL on GPU, gloo on CPU). Two kinds of
+collectives, on separate groups:
 
 - *data* collectives, inside the training step (DDP's gradient all-reduce, FSDP's all-gathers and
   reduce-scatters), on a group batchprobe re-creates after any failed probe, so a collective one
@@ -27,15 +30,22 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from batchprobe.probe import Failure, ProbeResult, run_probe
+from batchprobe import launcher
+from batchprobe.probe import run_probe
+from batchprobe.results import Failure, ProbeResult, StepTiming
 from batchprobe.search import Outcome
-from batchprobe.timing import StepTiming
+from batchprobe.step import TrainStep
+
+if TYPE_CHECKING:
+    from batchprobe.backends.base import Backend
+
+Parallel = Literal["ddp", "fsdp", "none"]
 
 _SEVERITY = {Outcome.FIT: 0, Outcome.OOM: 1, Outcome.LIMIT: 2, Outcome.ERROR: 3}
 # What a rank sees when a peer left a collective: these are not the cause, the peer's failure is.
@@ -49,8 +59,41 @@ _PEER_PATTERNS = (
 )
 
 
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+class Solo:
+    """One process: every agreement is with itself."""
+
+    world_size = 1
+    rank = 0
+    parallel: Parallel = "none"
+    distributed = False
+
+    def agree(self, result: ProbeResult) -> ProbeResult:
+        return result
+
+    def agree_min(self, value: int | None) -> int | None:
+        return value
+
+    def any_rank(self, flag: bool) -> bool:
+        return flag
+
+    def agree_timing(self, t: StepTiming) -> StepTiming:
+        return t
+
+    def probe(self, step: TrainStep, backend: Backend, batch_size: int, steps: int) -> ProbeResult:
+        return run_probe(step, backend, batch_size, steps)
+
+    def wrap(self, backend: Backend) -> Callable[[nn.Module], nn.Module] | None:
+        return None
+
+    def shard(self, model: nn.Module) -> None:
+        return None
+
+
+def open_ranks(backend: Backend, parallel: Parallel, timeout_s: float) -> Solo | Dist:
+    """Solo, or under torchrun (WORLD_SIZE > 1) this rank's place in the process group."""
+    if launcher.world_size() == 1:
+        return Solo()
+    return Dist.from_env(backend, parallel, timeout_s)
 
 
 @dataclass
@@ -58,16 +101,17 @@ class Dist:
     rank: int
     world_size: int
     local_rank: int
-    parallel: str  # ddp | fsdp | none
+    parallel: Parallel
     timeout_s: float
     backend_name: str
     control: Any = None  # gloo group for agreement
     data: Any = None  # group the training step's collectives use
+    distributed = True
 
     # -- set-up ---------------------------------------------------------------------------
     @classmethod
-    def from_env(cls, device_type: str, parallel: str, timeout_s: float) -> Dist:
-        backend = "nccl" if device_type == "cuda" else "gloo"
+    def from_env(cls, device: Backend, parallel: Parallel, timeout_s: float) -> Dist:
+        backend = device.collective_backend
         timeout = timedelta(seconds=timeout_s)
         if not dist.is_initialized():
             dist.init_process_group(backend=backend, timeout=timeout)
@@ -97,7 +141,7 @@ class Dist:
             dist.destroy_process_group()
 
     # -- the model ------------------------------------------------------------------------
-    def wrap(self, device: torch.device) -> Callable[[nn.Module], nn.Module] | None:
+    def wrap(self, backend: Backend) -> Callable[[nn.Module], nn.Module] | None:
         """DDP is built afresh for every probe (its reducer does not survive an exception in
         backward, and its buckets belong in the probe's peak); FSDP shards once, in place."""
         if self.parallel != "ddp":
@@ -116,9 +160,11 @@ class Dist:
         )
 
         def ddp(module: nn.Module) -> nn.Module:
-            ids = [device.index] if device.type == "cuda" else None
             return DistributedDataParallel(
-                module, device_ids=ids, process_group=self.data, **no_buffer_sync
+                module,
+                device_ids=backend.ddp_device_ids(),
+                process_group=self.data,
+                **no_buffer_sync,
             )
 
         return ddp
@@ -200,7 +246,7 @@ class Dist:
         )
 
     # -- probing --------------------------------------------------------------------------
-    def probe(self, step: Any, backend: Any, batch_size: int, steps: int) -> ProbeResult:
+    def probe(self, step: TrainStep, backend: Backend, batch_size: int, steps: int) -> ProbeResult:
         """A probe every rank runs in lockstep, agreed after each phase."""
         if self.parallel == "ddp":
             dry = self.agree(run_probe(step, backend, batch_size, steps, dry_run=True))

@@ -1,0 +1,59 @@
+"""estimate: full training steps traced with fake tensors, and the largest batch for a target.
+
+The target is a GPU from the table (`estimate.gpu`), a capacity (`estimate.capacity`, a GPU), or
+the configured device. When the model cannot be traced, says which op and falls back to real
+probes on the configured device — unless the target is not here, where probes would answer for
+the wrong machine.
+"""
+
+from __future__ import annotations
+
+from batchprobe.backends import backend_class, get_backend
+from batchprobe.errors import DeviceError
+from batchprobe.estimate import TraceError, estimate
+from batchprobe.flows.progress import Progress
+from batchprobe.gpus import lookup
+from batchprobe.results import Allowance, EstimateRun
+from batchprobe.session import open_session
+from batchprobe.spec import Spec
+from batchprobe.units import format_bytes
+
+
+def target(spec: Spec) -> tuple[str, int, Allowance]:
+    """(what, capacity, allowance): a GPU from the table, a given capacity (a GPU), or the
+    configured device, which says what it adds to a trace."""
+    e = spec.estimate
+    if e.gpu is not None:
+        gpu = lookup(e.gpu)
+        assert gpu is not None  # checked when the spec was loaded
+        return gpu.name, e.capacity or gpu.capacity_bytes, backend_class("cuda").allowance(e)
+    if e.capacity is not None:
+        what = f"a GPU with {format_bytes(e.capacity)}"
+        return what, int(e.capacity), backend_class("cuda").allowance(e)
+    backend = get_backend(spec.probe.device)
+    backend.set_budget(spec.probe.memory_budget)
+    return backend.estimate_target(e)
+
+
+def run(spec: Spec, progress: Progress | None = None) -> EstimateRun:
+    progress = progress or Progress()
+    what, capacity, allowance = target(spec)
+    result = EstimateRun(what, capacity, allowance)
+    try:
+        result.result = estimate(
+            spec,
+            capacity,
+            allowance,
+            what,
+            batch_sizes=spec.estimate.batch_sizes or (),
+            on_point=progress.traced,
+        )
+    except TraceError as exc:
+        if spec.estimate.gpu is not None or spec.estimate.capacity is not None:
+            raise DeviceError(
+                f"the model cannot be traced with fake tensors ({exc.op or exc}), and {what} "
+                "is not here to probe: run `batchprobe find-max` on it"
+            ) from None
+        result.trace_error = exc.failure
+        result.fallback = open_session(spec).search(progress=progress)
+    return result

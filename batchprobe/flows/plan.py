@@ -1,0 +1,258 @@
+"""plan: find-max, the headroom size, timed candidates, and the plan that follows from them.
+
+1. the gradient noise scale first, when the spec has real data (at the initial weights: probes
+   and timing then train on random inputs);
+2. find-max;
+3. the headroom size: the same exact search against headroom x limit, reusing measured peaks;
+4. a probe (peak) and timed steps per candidate micro-batch;
+5. pure planning math (`planning.make_plan`): accumulation, LR, wall-clock, recommendation.
+"""
+
+from __future__ import annotations
+
+import math
+
+from batchprobe import launcher
+from batchprobe.errors import ModelError, Problem, SpecError
+from batchprobe.flows import noise as noise_flow
+from batchprobe.flows.progress import Progress
+from batchprobe.planning import Measurement, PlanSettings, make_plan, resolve_lr_rule
+from batchprobe.probe import classify
+from batchprobe.results import PlanRun, StepTiming
+from batchprobe.search import Outcome
+from batchprobe.session import Session
+from batchprobe.timing import flops_per_sample
+
+NOISE_WARNING_RATIO = 4  # a global batch this many times B_noise needs 5x the minimal samples
+
+
+def run(session: Session, progress: Progress | None = None) -> PlanRun:
+    progress = progress or Progress()
+    _check_inputs(session)
+    noise = None
+    if session.spec.data is not None and not session.ranks.distributed:
+        progress.phase("noise-scale")
+        noise = noise_flow.run(session)
+    progress.phase("find-max")
+    fm = session.search(progress=progress)
+    run = PlanRun(find_max=fm, plan=None, noise=noise)
+    if fm.max_batch_size is None or fm.interrupted or fm.error is not None:
+        run.interrupted = fm.interrupted
+        return run
+    if session.poisoned:
+        run.warnings.append(
+            "a sticky device error poisoned this process: the max batch above was found in "
+            "isolated probes, but timing needs a healthy process — run plan again"
+        )
+        return run
+    try:
+        _measure(session, run, progress)
+    except KeyboardInterrupt:
+        run.interrupted = True
+    run.plan = make_plan(_measurements(run), settings(session, run))
+    run.warnings.extend(_warnings(session, run))
+    return run
+
+
+def _check_inputs(session: Session) -> None:
+    """Fail before any probe when the plan cannot be made from this spec."""
+    if session.workload.inputs.tokens_per_sample is None:
+        for key in ("global_tokens", "total_tokens"):
+            if getattr(session.spec.plan, key) is not None:
+                raise SpecError(
+                    [
+                        Problem(
+                            f"plan.{key}", "needs token inputs (inputs.kind: tokens with seq_len)"
+                        )
+                    ]
+                )
+
+
+def _measure(session: Session, run: PlanRun, progress: Progress) -> None:
+    fm = run.find_max
+    assert fm.max_batch_size is not None
+    for p in fm.probes:
+        if p.outcome is Outcome.FIT:
+            run.peaks[p.batch_size] = p
+    progress.phase("headroom")
+    run.headroom_batch_size = _headroom_size(session, run, progress)
+    sizes = candidates(session, fm.max_batch_size, run.headroom_batch_size)
+    if session.spec.plan.peak_tflops is not None or _peak_flops(session) is not None:
+        progress.phase("flops")
+        run.flops_fixed, run.flops_per_sample = flops_per_sample(session.step)
+    progress.phase("timing")
+    for i, b in enumerate(sizes, 1):
+        progress.candidate(b, i, len(sizes))
+        if b not in run.peaks:
+            probe = session.probe(b)
+            if probe.outcome is not Outcome.FIT:
+                run.warnings.append(
+                    f"micro-batch {b} did not fit when measured again ({probe.outcome}); skipped"
+                )
+                continue
+            run.peaks[b] = probe
+        timing = _time(session, run, b)
+        if timing is None:
+            continue
+        run.timings[b] = timing
+        progress.timed(b, timing)
+
+
+def _time(session: Session, run: PlanRun, b: int) -> StepTiming | None:
+    failure = None
+    try:
+        return session.time(b)
+    except Exception as exc:
+        failure = classify(exc)
+    if failure.outcome is Outcome.ERROR:
+        raise ModelError(f"timing micro-batch {b} failed: {failure.message}")
+    run.warnings.append(
+        f"micro-batch {b} fit when probed but hit {failure.outcome} while timed "
+        f"({failure.message}); skipped"
+    )
+    return None
+
+
+def _headroom_size(session: Session, run: PlanRun, progress: Progress) -> int | None:
+    """Largest tested size whose peak stays within plan.headroom of the limit: the same search,
+    against headroom x limit, starting from what is known."""
+    limit = session.limit_bytes
+    fm = run.find_max
+    assert fm.max_batch_size is not None
+    if not limit:
+        return None
+    cap = int(session.spec.plan.headroom * limit)
+    inside = [b for b, p in run.peaks.items() if p.peak_bytes is not None and p.peak_bytes <= cap]
+    start = max(inside) if inside else session.spec.probe.start
+    if start == fm.max_batch_size:
+        return start
+    inner = session.search(
+        limit_bytes=cap,
+        start=start,
+        cap=fm.max_batch_size,
+        known=dict(run.peaks),
+        progress=progress,
+    )
+    for p in inner.probes:
+        if p.outcome is Outcome.FIT and not p.reused:
+            run.peaks.setdefault(p.batch_size, p)
+    if inner.interrupted:
+        raise KeyboardInterrupt
+    return inner.max_batch_size
+
+
+def candidates(session: Session, max_batch: int, headroom_batch: int | None) -> list[int]:
+    """plan.candidates if given (capped at max), else powers of two up to the max, the max,
+    and the headroom size."""
+    if session.spec.plan.candidates:
+        return sorted({b for b in session.spec.plan.candidates if b <= max_batch})
+    sizes = {2**k for k in range(int(math.log2(max_batch)) + 1)}
+    sizes.add(max_batch)
+    if headroom_batch:
+        sizes.add(headroom_batch)
+    return sorted(sizes)
+
+
+def _peak_flops(session: Session) -> float | None:
+    if session.spec.plan.peak_tflops is not None:
+        return session.spec.plan.peak_tflops * 1e12
+    return session.backend.peak_flops(session.spec.train.precision)
+
+
+def _measurements(run: PlanRun) -> list[Measurement]:
+    out = []
+    for b, t in sorted(run.timings.items()):
+        probe = run.peaks.get(b)
+        flops = None
+        if run.flops_per_sample is not None:
+            flops = run.flops_fixed + run.flops_per_sample * b
+        out.append(
+            Measurement(
+                micro_batch_size=b,
+                peak_bytes=probe.peak_bytes if probe else None,
+                fwd_bwd_s=t.fwd_bwd_s,
+                optimizer_s=t.optimizer_s,
+                spread=t.spread,
+                flops=flops,
+                fwd_bwd_nosync_s=t.fwd_bwd_nosync_s,
+            )
+        )
+    return out
+
+
+def world_size(session: Session) -> int:
+    if session.spec.plan.num_gpus is not None:
+        return session.spec.plan.num_gpus
+    return launcher.world_size()
+
+
+def settings(session: Session, run: PlanRun) -> PlanSettings:
+    spec, plan = session.spec, session.spec.plan
+    tokens = session.workload.inputs.tokens_per_sample
+    world = world_size(session)
+    note = None
+    if plan.global_batch_size is not None:
+        target = plan.global_batch_size
+    elif plan.global_tokens is not None:
+        assert tokens is not None  # checked before probing
+        target = math.ceil(plan.global_tokens / tokens)
+        if target * tokens != plan.global_tokens:
+            note = (
+                f"plan.global_tokens {plan.global_tokens} is not a multiple of seq_len "
+                f"{tokens}: targeting {target} sequences ({target * tokens} tokens)"
+            )
+    elif plan.base_batch_size is not None:
+        target = plan.base_batch_size
+        note = f"no plan.global_batch_size: targeting the base batch {target}"
+    else:
+        assert run.find_max.max_batch_size is not None
+        target = run.find_max.max_batch_size * world
+        note = (
+            f"no plan.global_batch_size or plan.global_tokens: targeting {target} "
+            "(the max micro-batch on every rank, no accumulation)"
+        )
+    total = None
+    if plan.dataset_size is not None:
+        total = plan.dataset_size * plan.epochs
+    elif plan.total_tokens is not None:
+        assert tokens is not None  # checked before probing
+        total = plan.total_tokens / tokens
+    return PlanSettings(
+        target_global_batch=target,
+        world_size=world,
+        tokens_per_sample=tokens,
+        limit_bytes=session.limit_bytes,
+        capacity_bytes=session.backend.capacity_bytes,
+        headroom=plan.headroom,
+        base_lr=plan.base_lr,
+        base_batch_size=plan.base_batch_size,
+        lr_rule=resolve_lr_rule(plan.lr_scaling, spec.train.optimizer.name),
+        optimizer=spec.train.optimizer.name,
+        total_samples=total,
+        epoch_samples=plan.dataset_size,
+        peak_flops=_peak_flops(session),
+        has_batchnorm=session.workload.has_batchnorm,
+        target_note=note,
+    )
+
+
+def _warnings(session: Session, run: PlanRun) -> list[str]:
+    out = []
+    plan = run.plan
+    if run.noise is not None and plan is not None and plan.recommended is not None:
+        b = run.noise.b_simple
+        target = plan.recommended.global_batch_size
+        if 0 < b < target / NOISE_WARNING_RATIO:
+            out.append(
+                f"the global batch {target} is {target / b:.0f}x the measured gradient noise "
+                f"scale (~{b:,.0f}): far past the critical batch size, doubling it barely "
+                "cuts the optimizer steps and multiplies the samples needed "
+                f"({1 + target / b:.1f}x the fewest; McCandlish et al. 2018)"
+            )
+    world = world_size(session)
+    if world > 1 and launcher.world_size() != world:
+        out.append(
+            f"projected for {world} ranks from one device's timings: the gradient all-reduce "
+            "is not in the figures (run under torchrun to measure it)"
+        )
+    return out

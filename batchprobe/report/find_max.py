@@ -1,0 +1,130 @@
+"""find-max: the live probe table, one log line per probe, the summary panel."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from batchprobe.report.format import OUTCOME_STYLE, percent
+from batchprobe.results import FindMaxResult, ProbeResult
+from batchprobe.search import Outcome
+from batchprobe.units import format_bytes, format_seconds
+
+
+def probe_table(
+    probes: Sequence[ProbeResult], limit_bytes: int | None, running: int | None = None
+) -> Table:
+    """One row per probe, in the order made; `running` adds a row for the probe under way."""
+    table = Table(title="Probes", title_justify="left", expand=False, pad_edge=False)
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("batch", justify="right")
+    table.add_column("outcome")
+    table.add_column("peak", justify="right")
+    table.add_column("% of limit", justify="right")
+    table.add_column("time", justify="right")
+    table.add_column("note", overflow="fold", max_width=48)
+    for i, p in enumerate(probes, 1):
+        note = ""
+        if p.failure is not None:
+            note = f"{p.failure.kind}: {p.failure.message}"
+        elif p.alloc_retries:
+            note = f"{p.alloc_retries} allocator retries"
+        fit = p.outcome is Outcome.FIT
+        # a failed probe's peak is where it stopped: at least that much was needed
+        peak = (
+            format_bytes(p.peak_bytes)
+            if fit or not p.peak_bytes
+            else f"≥{format_bytes(p.peak_bytes)}"
+        )
+        table.add_row(
+            str(i),
+            str(p.batch_size),
+            Text(p.outcome.value, style=OUTCOME_STYLE[p.outcome]),
+            peak,
+            percent(p.peak_bytes, limit_bytes) if fit else "",
+            format_seconds(p.seconds),
+            Text(note, style="dim"),
+        )
+    if running is not None:
+        table.add_row(
+            str(len(probes) + 1), str(running), Text("running…", style="cyan"), "", "", "", ""
+        )
+    return table
+
+
+def probe_line(index: int, p: ProbeResult) -> str:
+    """One probe as a log line, for terminals without live display (CI logs)."""
+    note = f"  {p.failure.kind}: {p.failure.message}" if p.failure else ""
+    if p.reused:
+        note += "  (from an earlier probe's peak)"
+    return (
+        f"probe {index:>2}  batch {p.batch_size:>7}  {p.outcome.value:<5}  "
+        f"peak {format_bytes(p.peak_bytes):>10}  {format_seconds(p.seconds):>8}{note}"
+    )
+
+
+def limit_label(result: FindMaxResult) -> str:
+    if result.budget_bytes is not None:
+        return "budget"
+    return "free memory"
+
+
+def find_max_summary(result: FindMaxResult, source: str) -> Panel:
+    info = result.device
+    best = result.max_batch_size
+    lines = Text()
+    if best is None:
+        if result.interrupted:
+            lines.append("Interrupted before any size fit.\n", style="bold yellow")
+        elif result.error is not None:
+            lines.append(
+                "Stopped: the model raised an error (not a memory problem).\n", style="bold red"
+            )
+        else:
+            lines.append("Nothing fits: batch size 1 does not fit.\n", style="bold red")
+    else:
+        lines.append("Max micro-batch: ", style="bold")
+        lines.append(f"{best}", style="bold green")
+        if result.search.capped:
+            lines.append(
+                f"  (cap reached: probe.max_batch_size = {best}; larger sizes not tried)",
+                style="yellow",
+            )
+        elif result.search.exact:
+            lines.append(f"  (exact: {best} fits, {best + 1} does not)", style="dim")
+        else:
+            lines.append("  (not exact: search stopped early)", style="yellow")
+        lines.append("\n")
+        peak = result.peak_bytes
+        lines.append(f"Peak memory at {best}: {format_bytes(peak)}")
+        if result.limit_bytes:
+            lines.append(
+                f"  = {percent(peak, result.limit_bytes)} of the {limit_label(result)} "
+                f"({format_bytes(result.limit_bytes)})"
+            )
+        lines.append(
+            f"; {percent(peak, info.capacity_bytes)} of capacity ({format_bytes(info.capacity_bytes)})\n"
+        )
+    lines.append(f"Model: {source}\n", style="dim")
+    lines.append(
+        f"Device: {info.device} ({info.name}), torch {info.torch_version}; "
+        f"memory measured: {info.details.get('memory', 'allocator')}\n",
+        style="dim",
+    )
+    started = f", from the fake-tensor estimate {result.guess}" if result.guess is not None else ""
+    lines.append(
+        f"{len(result.probes)} probes ({result.strategy} search{started}) in "
+        f"{format_seconds(result.seconds)}",
+        style="dim",
+    )
+    if result.interrupted:
+        lines.append("\nInterrupted: results so far.", style="yellow")
+    parts: list[Any] = [lines]
+    for w in result.warnings:
+        parts.append(Text(f"warning: {w}", style="yellow"))
+    return Panel(Group(*parts), title="find-max", title_align="left", expand=False)

@@ -1,0 +1,213 @@
+"""The JSON contract of every command: result -> plain dict. Keys are only ever added.
+
+The keys every consumer may rely on (sizes in bytes, times in seconds):
+- find-max: command, device, device_name, capacity_bytes, budget_bytes, max_batch_size, capped,
+  probes [{batch_size, outcome, peak_bytes, seconds}], seconds;
+- plan: command, max_batch_size, world_size, target_global_batch_size, rows [{micro_batch_size,
+  grad_accum_steps, global_batch_size, peak_bytes, fwd_bwd_time_s, optimizer_time_s, step_time_s,
+  update_time_s, samples_per_s, tokens_per_s, mfu, lr, warmup_steps, projected_seconds}],
+  recommended {micro_batch_size, ...}, warnings;
+- estimate: command, capacity_bytes, max_batch_size, points [{batch_size, peak_bytes,
+  breakdown {parameters, gradients, optimizer_state, activations, other}}];
+- check: command, passed, checks [{name, expected, measured, passed}];
+- noise-scale: command, b_simple, b_simple_stderr, steps.
+Under torchrun every command adds "world_size".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from batchprobe.results import (
+    CheckRun,
+    DeviceInfo,
+    EstimateRun,
+    FindMaxResult,
+    NoiseRun,
+    PlanRun,
+)
+from batchprobe.search import Outcome
+
+
+def device_dict(info: DeviceInfo) -> dict[str, Any]:
+    return {
+        "device": info.device,
+        "device_name": info.name,
+        "capacity_bytes": info.capacity_bytes,
+        "torch_version": info.torch_version,
+    }
+
+
+def find_max_json(result: FindMaxResult, source: str) -> dict[str, Any]:
+    """The find-max contract, plus a few added keys."""
+    error = result.error
+    out: dict[str, Any] = {
+        "command": "find-max",
+        **device_dict(result.device),
+        "budget_bytes": result.budget_bytes,
+        "limit_bytes": result.limit_bytes,
+        "max_batch_size": result.max_batch_size,
+        "capped": result.search.capped,
+        "exact": result.search.exact,
+        "stopped": result.search.stopped,
+        "peak_bytes": result.peak_bytes,
+        "probes": [p.to_dict() for p in result.probes],
+        "seconds": round(result.seconds, 4),
+        "strategy": result.strategy,
+        "estimated_max_batch_size": result.guess,
+        "model": source,
+        "provenance": "measured",
+        "interrupted": result.interrupted,
+        "warnings": list(result.warnings),
+    }
+    if result.world_size > 1:
+        out["world_size"] = result.world_size
+    if error is not None and error.failure is not None:
+        out["error"] = {
+            "batch_size": error.batch_size,
+            "type": error.failure.error_type,
+            "message": error.failure.message,
+            "traceback": error.failure.traceback,
+        }
+    return out
+
+
+def to_json(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2, default=str) + "\n"
+
+
+PLAN_COLUMNS = (
+    "micro_batch_size", "grad_accum_steps", "global_batch_size", "peak_bytes", "peak_fraction",
+    "fwd_bwd_time_s", "optimizer_time_s", "fwd_bwd_nosync_time_s", "step_time_s", "update_time_s",
+    "samples_per_s",
+    "tokens_per_s", "mfu", "lr", "warmup", "warmup_steps", "optimizer_steps", "projected_seconds",
+    "within_headroom", "divides_exactly", "timing_spread",
+)  # fmt: skip
+
+
+def plan_json(run: PlanRun, source: str) -> dict[str, Any]:
+    """The plan contract, plus the find-max part and provenance."""
+    fm = run.find_max
+    plan = run.plan
+    settings = plan.settings if plan else None
+    rows = [r.to_dict() for r in plan.rows] if plan else []
+    recommended = plan.recommended.to_dict() if plan and plan.recommended else None
+    return {
+        "command": "plan",
+        **device_dict(fm.device),
+        "model": source,
+        "max_batch_size": fm.max_batch_size,
+        "world_size": settings.world_size if settings else None,
+        "target_global_batch_size": settings.target_global_batch if settings else None,
+        "tokens_per_sample": settings.tokens_per_sample if settings else None,
+        "budget_bytes": fm.budget_bytes,
+        "limit_bytes": fm.limit_bytes,
+        "headroom": settings.headroom if settings else None,
+        "headroom_batch_size": run.headroom_batch_size,
+        "lr_scaling": settings.lr_rule if settings else None,
+        "rows": rows,
+        "recommended": recommended,
+        "recommendation_reason": plan.reason if plan else None,
+        "warnings": [*fm.warnings, *run.warnings, *(plan.warnings if plan else ())],
+        "interrupted": run.interrupted,
+        "noise_scale": noise_json(run.noise, source) if run.noise is not None else None,
+        "find_max": find_max_json(fm, source),
+        "provenance": {
+            "peak_bytes": "measured (full training steps)",
+            "fwd_bwd_time_s": "measured (median of timed steps after warm-up)",
+            "optimizer_time_s": "measured",
+            "samples_per_s": "derived from measured step times",
+            "projected_seconds": "estimated: optimizer steps x measured update time",
+            "mfu": "estimated: counted FLOPs / (measured time x datasheet peak)",
+            "lr": "rule of thumb (linear: Goyal et al. 2017; sqrt: Malladi et al. 2022)",
+        },
+    }
+
+
+def estimate_json(run: EstimateRun, source: str) -> dict[str, Any]:
+    """The estimate contract, plus the target, the allowance and provenance."""
+    result = run.result
+    a = run.allowance
+    out: dict[str, Any] = {
+        "command": "estimate",
+        "model": source,
+        "target": run.target,
+        "capacity_bytes": run.capacity_bytes,
+        "allowance": {
+            "fragmentation": a.fragmentation,
+            "context_bytes": a.context_bytes,
+            "round_to_bytes": a.round_to,
+            "flash_attention": a.flash_attention,
+        },
+    }
+    if result is not None:
+        out.update(
+            {
+                "max_batch_size": result.max_batch_size,
+                "exact": result.search.exact,
+                "capped": result.search.capped,
+                "usable_bytes": result.usable_bytes,
+                "num_parameters": result.num_parameters,
+                "points": [p.to_dict() for p in result.points],
+                "seconds": round(result.seconds, 3),
+                "provenance": "estimated: fake-tensor trace of full training steps",
+            }
+        )
+    else:
+        err = run.trace_error
+        fm = run.fallback
+        out.update(
+            {
+                "max_batch_size": fm.max_batch_size if fm else None,
+                "points": [
+                    {"batch_size": p.batch_size, "peak_bytes": p.peak_bytes, "breakdown": None}
+                    for p in (fm.probes if fm else [])
+                    if p.outcome is Outcome.FIT
+                ],
+                "trace_error": {"op": err.op if err else None, "message": str(err)},
+                "provenance": "measured: real probes (the model could not be traced)",
+                "find_max": find_max_json(fm, source) if fm else None,
+            }
+        )
+    return out
+
+
+def check_json(run: CheckRun, source: str) -> dict[str, Any]:
+    """The check contract, plus device, provenance and the baseline written."""
+    out = {
+        "command": "check",
+        "passed": run.passed,
+        "checks": [o.to_dict() for o in run.outcomes],
+        **device_dict(run.device),
+        "model": source,
+        "seconds": round(run.seconds, 3),
+        "interrupted": run.interrupted,
+    }
+    if run.baseline is not None:
+        out["baseline"] = run.baseline
+    return out
+
+
+def noise_json(run: NoiseRun, source: str) -> dict[str, Any]:
+    """The noise-scale contract, plus the parts of the estimate."""
+    stats = run.stats
+    b = stats.b_simple()
+    err = stats.stderr()
+    finite = math.isfinite(b) and b > 0
+    return {
+        "command": "noise-scale",
+        **device_dict(run.device),
+        "model": source,
+        "b_simple": b if finite else None,
+        "b_simple_stderr": err if finite and math.isfinite(err) else None,
+        "steps": stats.steps,
+        "g2": stats.g2() if stats.steps else None,
+        "trace_sigma": stats.trace_sigma() if stats.steps else None,
+        "small_batch_size": stats.small_batch_size,
+        "big_batch_size": stats.big_batch_size,
+        "stopped": stats.stopped,
+        "seconds": round(run.seconds, 3),
+        "provenance": "measured: two-batch estimator (McCandlish et al. 2018, App. A), bootstrap stderr",
+    }

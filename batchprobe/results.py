@@ -1,0 +1,480 @@
+"""What every command returns: plain data, no torch. `report` renders these; flows produce them.
+
+Sizes are bytes, times seconds. A failed probe keeps only its exception's type name, message and
+formatted traceback (never the exception: its frames pin the activations).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from batchprobe.planning import Plan
+from batchprobe.search import Observation, Outcome, SearchResult
+
+#: how a probe failed: the memory system that ran out, or why it was not memory
+FailureKind = Literal[
+    "budget",  # the CPU backend's budget (the storage ledger)
+    "allocator",  # a caching allocator: CUDA/HIP/XPU/MPS out of memory
+    "cuda-runtime",  # raw CUDA OOM outside the allocator (context, library handles)
+    "hip-runtime",
+    "cublas",  # cuBLAS workspace / handle allocation
+    "cudnn",  # cuDNN workspace allocation, or a large-batch kernel it cannot run
+    "cufft",
+    "host",  # the host allocator (RAM)
+    "other",  # some other "out of memory"
+    "thrash",  # allocator retries in consecutive steps: completes, on the edge
+    "killed",  # an isolated child killed by SIGKILL (the OS OOM killer)
+    "timeout",  # an isolated child that did not answer in time
+    "sticky",  # a sticky device error: the process's context is gone
+    "limit",  # a batch limit that is not memory (32-bit indexing, launch configuration)
+    "error",  # a bug in the model or spec
+    "crash",  # an isolated child that died without a result
+]
+
+
+# --------------------------------------------------------------------------- probes
+
+
+@dataclass(frozen=True)
+class Failure:
+    outcome: Outcome
+    kind: FailureKind
+    error_type: str
+    message: str
+    traceback: str | None = None
+
+    @property
+    def sticky(self) -> bool:
+        return self.kind == "sticky"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "outcome": self.outcome.value,
+            "kind": self.kind,
+            "error_type": self.error_type,
+            "message": self.message,
+            "traceback": self.traceback,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Failure:
+        return cls(Outcome(d["outcome"]), d["kind"], d["error_type"], d["message"], d["traceback"])
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    batch_size: int
+    outcome: Outcome
+    peak_bytes: int | None
+    seconds: float
+    reserved_bytes: int | None = None
+    retained_bytes: int = 0  # still held after recovery: should be 0
+    alloc_retries: int = 0
+    failure: Failure | None = None
+    reused: bool = False  # answered from an earlier probe's measured peak, not run again
+    line_bytes: int | None = None  # peak of forward/backward alone (grows with the batch)
+    isolated: bool = False  # ran in a child process
+
+    def observation(self, limit_bytes: int | None = None) -> Observation:
+        """What a search is told. Against `limit_bytes` (a limit below the one the probe ran
+        under, e.g. plan's headroom), a completed probe whose peak is above it did not fit."""
+        if self.outcome is not Outcome.FIT:
+            return Observation(self.outcome)
+        if (
+            limit_bytes is not None
+            and self.peak_bytes is not None
+            and self.peak_bytes > limit_bytes
+        ):
+            return Observation(Outcome.OOM, self.peak_bytes, self.line_bytes)
+        return Observation(self.outcome, self.peak_bytes, self.line_bytes)
+
+    def to_dict(self) -> dict[str, object]:
+        d: dict[str, object] = {
+            "batch_size": self.batch_size,
+            "outcome": self.outcome.value,
+            "peak_bytes": self.peak_bytes,
+            "seconds": round(self.seconds, 4),
+        }
+        if self.reserved_bytes is not None:
+            d["reserved_bytes"] = self.reserved_bytes
+        if self.alloc_retries:
+            d["alloc_retries"] = self.alloc_retries
+        if self.retained_bytes:
+            d["retained_bytes"] = self.retained_bytes
+        if self.reused:
+            d["reused"] = True
+        if self.failure is not None:
+            d["kind"] = self.failure.kind
+            d["error_type"] = self.failure.error_type
+            d["message"] = self.failure.message
+        if self.isolated:
+            d["isolated"] = True
+        return d
+
+    def to_record(self) -> dict[str, Any]:
+        """Everything, for passing between processes."""
+        return {
+            **{k: v for k, v in self.__dict__.items() if k not in ("outcome", "failure")},
+            "outcome": self.outcome.value,
+            "failure": self.failure.to_dict() if self.failure else None,
+        }
+
+    @classmethod
+    def from_record(cls, d: Mapping[str, Any]) -> ProbeResult:
+        fields = dict(d)
+        fields["outcome"] = Outcome(fields["outcome"])
+        fields["failure"] = Failure.from_dict(fields["failure"]) if fields["failure"] else None
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    device: str
+    name: str
+    capacity_bytes: int
+    free_bytes: int | None
+    torch_version: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FindMaxResult:
+    search: SearchResult
+    probes: list[ProbeResult]
+    device: DeviceInfo
+    budget_bytes: int | None
+    limit_bytes: int | None
+    strategy: str
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+    guess: int | None = None  # the estimate the search started from (strategy estimate)
+    poisoned: bool = False  # an in-process probe hit a sticky device error
+    world_size: int = 1  # ranks that probed together (torchrun)
+
+    @property
+    def max_batch_size(self) -> int | None:
+        return self.search.best
+
+    @property
+    def interrupted(self) -> bool:
+        return self.search.stopped == "interrupted"
+
+    @property
+    def error(self) -> ProbeResult | None:
+        return next((p for p in self.probes if p.outcome is Outcome.ERROR), None)
+
+    def probe_at(self, batch_size: int | None) -> ProbeResult | None:
+        return next(
+            (p for p in self.probes if p.batch_size == batch_size and p.outcome is Outcome.FIT),
+            None,
+        )
+
+    @property
+    def peak_bytes(self) -> int | None:
+        probe = self.probe_at(self.max_batch_size)
+        return probe.peak_bytes if probe else None
+
+
+# --------------------------------------------------------------------------- plan
+
+UNSTABLE_SPREAD = 0.10  # relative interquartile range above which a timing is flagged
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    batch_size: int
+    fwd_bwd_s: float  # median over timed steps
+    optimizer_s: float  # median; optimizer.step + zero_grad (+ scaler)
+    step_s: float  # median of fwd_bwd + optimizer per step
+    spread: float  # (q75 - q25) / median of the step times
+    warmup_steps: int
+    timed_steps: int
+    #: forward+backward without gradient synchronization (distributed: accumulation steps but
+    #: the last skip the all-reduce); None on one device, where the two are the same
+    fwd_bwd_nosync_s: float | None = None
+
+    @property
+    def unstable(self) -> bool:
+        return self.spread > UNSTABLE_SPREAD
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "batch_size": self.batch_size,
+            "fwd_bwd_time_s": self.fwd_bwd_s,
+            "optimizer_time_s": self.optimizer_s,
+            "step_time_s": self.step_s,
+            "spread": round(self.spread, 4),
+            "warmup_steps": self.warmup_steps,
+            "timed_steps": self.timed_steps,
+            "fwd_bwd_nosync_time_s": self.fwd_bwd_nosync_s,
+        }
+
+
+@dataclass
+class PlanRun:
+    find_max: FindMaxResult
+    plan: Plan | None
+    timings: dict[int, StepTiming] = field(default_factory=dict)
+    peaks: dict[int, ProbeResult] = field(default_factory=dict)
+    flops_per_sample: float | None = None
+    flops_fixed: float = 0.0
+    headroom_batch_size: int | None = None
+    interrupted: bool = False
+    warnings: list[str] = field(default_factory=list)
+    noise: NoiseRun | None = None  # when the spec has real data
+
+
+# --------------------------------------------------------------------------- estimate
+
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "other")
+Category = Literal["parameters", "gradients", "optimizer_state", "activations", "other"]
+
+
+@dataclass
+class Breakdown:
+    """Bytes by category at the peak."""
+
+    parameters: int = 0
+    gradients: int = 0
+    optimizer_state: int = 0
+    activations: int = 0
+    other: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {c: getattr(self, c) for c in CATEGORIES}
+
+
+@dataclass(frozen=True)
+class Allowance:
+    """What a real device adds to the traced peak."""
+
+    fragmentation: float = 0.0  # relative: allocator rounding beyond 512 B blocks, fragmentation
+    context_bytes: int = 0  # fixed, outside the allocator: CUDA context, cuBLAS/cuDNN workspaces
+    round_to: int = 1  # bytes every storage is rounded up to
+    flash_attention: bool = False  # model attention as the GPU's memory-efficient kernels
+
+    def device_bytes(self, traced_bytes: int) -> int:
+        return int(traced_bytes * (1.0 + self.fragmentation))
+
+    def usable(self, capacity_bytes: int) -> int:
+        return capacity_bytes - self.context_bytes
+
+    def describe(self) -> str:
+        from batchprobe.units import format_bytes
+
+        if not (self.fragmentation or self.context_bytes or self.round_to > 1):
+            return "none (the trace is what the CPU backend measures)"
+        parts = []
+        if self.round_to > 1:
+            parts.append(f"storages rounded up to {self.round_to} B")
+        if self.fragmentation:
+            parts.append(f"+{self.fragmentation:.0%} for allocator rounding and fragmentation")
+        if self.context_bytes:
+            parts.append(f"{format_bytes(self.context_bytes)} for the CUDA context and workspaces")
+        if self.flash_attention:
+            parts.append("attention as memory-efficient kernels")
+        return "; ".join(parts)
+
+
+@dataclass
+class EstimatePoint:
+    batch_size: int
+    peak_bytes: int  # traced
+    device_bytes: int  # with the allowance
+    breakdown: Breakdown
+    phase_peaks: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "peak_bytes": self.peak_bytes,
+            "device_bytes": self.device_bytes,
+            "breakdown": self.breakdown.as_dict(),
+        }
+
+
+@dataclass
+class EstimateResult:
+    points: list[EstimatePoint]
+    capacity_bytes: int
+    usable_bytes: int
+    allowance: Allowance
+    target: str
+    search: SearchResult
+    seconds: float
+    num_parameters: int
+
+    @property
+    def max_batch_size(self) -> int | None:
+        return self.search.best
+
+    def point(self, batch_size: int | None) -> EstimatePoint | None:
+        return next((p for p in self.points if p.batch_size == batch_size), None)
+
+
+@dataclass(frozen=True)
+class TraceFailure:
+    """Why a model could not be traced with fake tensors, and the op when known."""
+
+    message: str
+    op: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class EstimateRun:
+    target: str
+    capacity_bytes: int
+    allowance: Allowance
+    result: EstimateResult | None = None
+    trace_error: TraceFailure | None = None
+    fallback: FindMaxResult | None = None  # real probes, when the model cannot be traced
+
+
+# --------------------------------------------------------------------------- noise scale
+
+
+@dataclass
+class NoiseStats:
+    """The two-batch estimator of the gradient noise scale (McCandlish et al. 2018, App. A).
+
+    Per big batch: the mean squared norm of the micro-batch (B_small) gradients and the squared
+    norm of their mean (the B_big gradient). Numerator and denominator are averaged over all big
+    batches before dividing (the ratio of noisy estimates is biased)."""
+
+    small_batch_size: int
+    big_batch_size: int
+    small_sq: list[float] = field(default_factory=list)
+    big_sq: list[float] = field(default_factory=list)
+    stopped: str = "done"  # done | data ran out | interrupted
+
+    def add(self, small_sq: float, big_sq: float) -> None:
+        self.small_sq.append(small_sq)
+        self.big_sq.append(big_sq)
+
+    @property
+    def steps(self) -> int:
+        return len(self.big_sq)
+
+    def _parts(self, idx: Iterable[int]) -> tuple[float, float]:
+        idx = list(idx)
+        s = sum(self.small_sq[i] for i in idx) / len(idx)
+        b = sum(self.big_sq[i] for i in idx) / len(idx)
+        bs, bb = self.small_batch_size, self.big_batch_size
+        g2 = (bb * b - bs * s) / (bb - bs)
+        trace = (s - b) / (1 / bs - 1 / bb)
+        return g2, trace
+
+    def g2(self) -> float:
+        return self._parts(range(self.steps))[0]
+
+    def trace_sigma(self) -> float:
+        return self._parts(range(self.steps))[1]
+
+    def b_simple(self) -> float:
+        g2, trace = self._parts(range(self.steps))
+        return trace / g2 if g2 > 0 else math.inf
+
+    def stderr(self, resamples: int = 500, seed: int = 0) -> float:
+        """Bootstrap standard error of B_simple over the big batches."""
+        if self.steps < 2:
+            return math.inf
+        rng = random.Random(seed)
+        values = []
+        for _ in range(resamples):
+            g2, trace = self._parts(rng.randrange(self.steps) for _ in range(self.steps))
+            if g2 > 0:
+                values.append(trace / g2)
+        if len(values) < resamples // 2:
+            return math.inf  # |G|^2 is not resolved: the gradient is lost in its noise
+        mean = sum(values) / len(values)
+        return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def steps_factor(batch: float, b_noise: float) -> float:
+    """S / S_min = 1 + B_noise / B: optimizer steps relative to the fewest possible."""
+    return 1 + b_noise / batch
+
+
+def samples_factor(batch: float, b_noise: float) -> float:
+    """E / E_min = 1 + B / B_noise: samples processed relative to the fewest possible."""
+    return 1 + batch / b_noise
+
+
+@dataclass
+class NoiseRun:
+    stats: NoiseStats
+    seconds: float
+    device: DeviceInfo
+
+    @property
+    def b_simple(self) -> float:
+        return self.stats.b_simple()
+
+
+# --------------------------------------------------------------------------- check
+
+Metric = Literal["max_batch_size", "samples_per_s", "tokens_per_s", "peak_bytes"]
+
+
+@dataclass(frozen=True)
+class Expectation:
+    name: Metric
+    source: Literal["spec", "baseline"]
+    value: float
+    micro_batch_size: int | None = None
+
+    @property
+    def minimum(self) -> bool:
+        return self.name != "peak_bytes"
+
+
+@dataclass
+class CheckOutcome:
+    expectation: Expectation
+    tolerance: float
+    measured: float | None
+    passed: bool
+    detail: str = ""
+
+    @property
+    def threshold(self) -> float:
+        e = self.expectation
+        if e.name == "max_batch_size":  # a batch size: the smallest whole size that passes
+            return max(1, math.ceil(e.value * (1 - self.tolerance)))
+        return e.value * (1 - self.tolerance) if e.minimum else e.value * (1 + self.tolerance)
+
+    def to_dict(self) -> dict[str, Any]:
+        e = self.expectation
+        return {
+            "name": e.name if e.micro_batch_size is None else f"{e.name}@{e.micro_batch_size}",
+            "metric": e.name,
+            "source": e.source,
+            "micro_batch_size": e.micro_batch_size,
+            "expected": e.value,
+            "comparison": ">=" if e.minimum else "<=",
+            "threshold": self.threshold,
+            "tolerance": self.tolerance,
+            "measured": self.measured,
+            "passed": self.passed,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class CheckRun:
+    outcomes: list[CheckOutcome]
+    device: DeviceInfo
+    seconds: float
+    baseline: dict[str, Any] | None = None  # what --update-baseline writes
+    interrupted: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outcomes) and not self.interrupted
