@@ -99,7 +99,11 @@ class Tracer:
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
         with self.mode:
             materialize(self.workload.model, torch.device("cpu"))
-        self.step = TrainStep(self.workload, spec.train, torch.device("cpu"), fake=True)
+        # the optimizer as the target runs it: the CPU's single-tensor loops otherwise
+        defaults = {"foreach": True} if allowance.foreach else {}
+        self.step = TrainStep(
+            self.workload, spec.train, torch.device("cpu"), fake=True, optimizer_defaults=defaults
+        )
         self._points: dict[int, EstimatePoint] = {}
 
     def trace(self, batch_size: int) -> EstimatePoint:

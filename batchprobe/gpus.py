@@ -1,51 +1,74 @@
 """Datasheet figures of common accelerators: memory capacity and dense peak FLOP/s. Pure data.
 
-Peaks are dense (no structured sparsity) tensor-core figures for bf16/fp16 and plain FP32 for fp32
-(PyTorch does not use TF32 for matmuls unless asked). Capacities are what nvidia-smi / rocm-smi
-report for the card. Override with `plan.peak_tflops` or `--capacity` when yours differs.
+Capacities are what `torch.cuda.mem_get_info()` (cudaMemGetInfo) reports as the total — a little
+less than nvidia-smi shows and than the box says (an H100 SXM 80GB: 81,559 MiB in nvidia-smi,
+81,089 MiB = 79.19 GiB to torch). Where such a report was found the figure is that (`reported`);
+elsewhere it is nvidia-smi's figure less 512 MiB, the middle of the 470-770 MiB gap seen on
+H100 and A100 cards (`derived`). On a card that is present, batchprobe uses what it reports.
+
+Peaks are dense (no structured sparsity) tensor-core figures: bf16/fp16; TF32 for float32 math
+that runs in TF32 (cuDNN convolutions by default; matmuls when `allow_tf32` or
+`float32_matmul_precision` says so); plain FP32 otherwise. Override with `plan.peak_tflops`.
 """
 
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from typing import Literal
 
 MiB = 1024**2
+_SMI_GAP = 512 * MiB  # nvidia-smi's total less what torch sees, where no report was found
 
 
 @dataclass(frozen=True)
 class Gpu:
     key: str  # what users type: --gpu h100-80gb
     name: str  # what the device reports (matched by substrings in `aliases`)
-    capacity_bytes: int
+    capacity_bytes: int  # the total torch sees
     tflops_16bit: float  # bf16/fp16 dense
+    tflops_tf32: float  # TF32 dense (= FP32 on cards without TF32)
     tflops_fp32: float
     aliases: tuple[str, ...] = ()
+    capacity_source: Literal["reported", "derived"] = "derived"
 
-    def peak_flops(self, precision: str) -> float:
-        return 1e12 * (self.tflops_fp32 if precision == "fp32" else self.tflops_16bit)
+    @property
+    def major(self) -> int:
+        """Compute capability major: what sets cuBLAS's default workspace."""
+        if self.key.startswith(("h100", "h200")):
+            return 9
+        return 7 if self.key.startswith(("v100", "t4")) else 8
+
+    def peak_flops(self, precision: str, tf32: bool = False) -> float:
+        if precision != "fp32":
+            return 1e12 * self.tflops_16bit
+        return 1e12 * (self.tflops_tf32 if tf32 else self.tflops_fp32)
+
+
+def _derived(smi_mib: int) -> int:
+    return smi_mib * MiB - _SMI_GAP
 
 
 GPUS: tuple[Gpu, ...] = (
-    Gpu("h200", "NVIDIA H200", 143771 * MiB, 989.4, 66.9, ("h200",)),
-    Gpu("h100-80gb", "NVIDIA H100 80GB HBM3 (SXM)", 81559 * MiB, 989.4, 66.9, ("h100 80gb hbm3", "h100 sxm")),
-    Gpu("h100-pcie", "NVIDIA H100 PCIe", 81559 * MiB, 756.0, 51.2, ("h100 pcie",)),
-    Gpu("h100-nvl", "NVIDIA H100 NVL", 95830 * MiB, 835.0, 60.0, ("h100 nvl",)),
-    Gpu("a100-80gb", "NVIDIA A100 80GB", 81920 * MiB, 312.0, 19.5, ("a100-sxm4-80gb", "a100 80gb", "a100-pcie-80gb")),
-    Gpu("a100-40gb", "NVIDIA A100 40GB", 40960 * MiB, 312.0, 19.5, ("a100-sxm4-40gb", "a100-pcie-40gb", "a100 40gb")),
-    Gpu("l40s", "NVIDIA L40S", 46068 * MiB, 362.0, 91.6, ("l40s",)),
-    Gpu("l4", "NVIDIA L4", 23034 * MiB, 121.0, 30.3, ("nvidia l4",)),
-    Gpu("a10g", "NVIDIA A10G", 23028 * MiB, 125.0, 31.2, ("a10g",)),
-    Gpu("a10", "NVIDIA A10", 23028 * MiB, 125.0, 31.2, ("nvidia a10",)),
-    Gpu("rtx-6000-ada", "NVIDIA RTX 6000 Ada", 49140 * MiB, 364.2, 91.1, ("rtx 6000 ada",)),
-    Gpu("rtx-a6000", "NVIDIA RTX A6000", 49140 * MiB, 154.8, 38.7, ("rtx a6000",)),
-    Gpu("rtx-4090", "NVIDIA GeForce RTX 4090", 24564 * MiB, 165.2, 82.6, ("rtx 4090",)),
-    Gpu("rtx-3090", "NVIDIA GeForce RTX 3090", 24576 * MiB, 71.0, 35.6, ("rtx 3090",)),
-    Gpu("v100-32gb", "Tesla V100 32GB", 32768 * MiB, 125.0, 15.7, ("v100-sxm2-32gb", "v100-pcie-32gb", "v100 32gb")),
-    Gpu("v100-16gb", "Tesla V100 16GB", 16384 * MiB, 125.0, 15.7, ("v100-sxm2-16gb", "v100-pcie-16gb", "v100")),
-    Gpu("t4", "Tesla T4", 15360 * MiB, 65.0, 8.1, ("tesla t4", " t4")),
-    Gpu("mi300x", "AMD Instinct MI300X", 196592 * MiB, 1307.4, 163.4, ("mi300x",)),
-    Gpu("mi250x", "AMD Instinct MI250X", 131072 * MiB, 383.0, 47.9, ("mi250x",)),
+    Gpu("h200", "NVIDIA H200", _derived(143771), 989.4, 494.7, 66.9, ("h200",)),
+    Gpu("h100-80gb", "NVIDIA H100 80GB HBM3 (SXM)", 81089 * MiB, 989.4, 494.7, 66.9, ("h100 80gb hbm3", "h100 sxm"), "reported"),
+    Gpu("h100-pcie", "NVIDIA H100 PCIe", 81008 * MiB, 756.0, 378.0, 51.2, ("h100 pcie",), "reported"),
+    Gpu("h100-nvl", "NVIDIA H100 NVL", _derived(95830), 835.0, 417.5, 60.0, ("h100 nvl",)),
+    Gpu("a100-80gb", "NVIDIA A100 80GB", 81152 * MiB, 312.0, 156.0, 19.5, ("a100-sxm4-80gb", "a100 80gb", "a100-pcie-80gb"), "reported"),
+    Gpu("a100-40gb", "NVIDIA A100 40GB", 40448 * MiB, 312.0, 156.0, 19.5, ("a100-sxm4-40gb", "a100-pcie-40gb", "a100 40gb"), "reported"),
+    Gpu("l40s", "NVIDIA L40S", _derived(46068), 362.0, 183.0, 91.6, ("l40s",)),
+    Gpu("l4", "NVIDIA L4", _derived(23034), 121.0, 60.0, 30.3, ("nvidia l4",)),
+    Gpu("a10g", "NVIDIA A10G", _derived(23028), 125.0, 62.5, 31.2, ("a10g",)),
+    Gpu("a10", "NVIDIA A10", _derived(23028), 125.0, 62.5, 31.2, ("nvidia a10",)),
+    Gpu("rtx-6000-ada", "NVIDIA RTX 6000 Ada", _derived(49140), 364.2, 182.1, 91.1, ("rtx 6000 ada",)),
+    Gpu("rtx-a6000", "NVIDIA RTX A6000", _derived(49140), 154.8, 77.4, 38.7, ("rtx a6000",)),
+    Gpu("rtx-4090", "NVIDIA GeForce RTX 4090", _derived(24564), 165.2, 82.6, 82.6, ("rtx 4090",)),
+    Gpu("rtx-3090", "NVIDIA GeForce RTX 3090", _derived(24576), 71.0, 35.6, 35.6, ("rtx 3090",)),
+    Gpu("v100-32gb", "Tesla V100 32GB", _derived(32768), 125.0, 15.7, 15.7, ("v100-sxm2-32gb", "v100-pcie-32gb", "v100 32gb")),
+    Gpu("v100-16gb", "Tesla V100 16GB", _derived(16384), 125.0, 15.7, 15.7, ("v100-sxm2-16gb", "v100-pcie-16gb", "v100")),
+    Gpu("t4", "Tesla T4", _derived(15360), 65.0, 8.1, 8.1, ("tesla t4", " t4")),
+    Gpu("mi300x", "AMD Instinct MI300X", _derived(196592), 1307.4, 653.7, 163.4, ("mi300x",)),
+    Gpu("mi250x", "AMD Instinct MI250X", _derived(131072), 383.0, 47.9, 47.9, ("mi250x",)),
 )  # fmt: skip
 
 

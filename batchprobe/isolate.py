@@ -17,6 +17,7 @@ ProbeResult:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -28,19 +29,23 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
+from batchprobe.backends.base import Backend, DeviceView
+from batchprobe.errors import DeviceError
 from batchprobe.probe import classify
 from batchprobe.results import Failure, ProbeResult
 from batchprobe.search import Outcome
 from batchprobe.spec import Spec
+from batchprobe.units import MemorySize
 
 _PRELOAD = ["torch", "batchprobe.session"]
 
 
 def _child(conn: multiprocessing.connection.Connection, request: dict[str, Any]) -> None:
-    """Runs in the child: build the model, run one probe, send the result back."""
+    """Runs in the child: open the device; describe it, or build the model and run one probe
+    (after the warm-up every process does); send the answer back."""
     try:
         from batchprobe.backends import get_backend
-        from batchprobe.probe import run_probe
+        from batchprobe.probe import run_probe, warm_up
         from batchprobe.sources import build_workload, quiet_warnings
         from batchprobe.spec import load_spec
         from batchprobe.step import TrainStep
@@ -48,18 +53,45 @@ def _child(conn: multiprocessing.connection.Connection, request: dict[str, Any])
 
         spec = replace(load_spec(text=json.dumps(request["spec"])), origin=request["origin"])
         backend = get_backend(spec.probe.device)
-        budget = request["budget_bytes"]
-        backend.set_budget(MemorySize(bytes=budget) if budget else None)
+        budget = request["budget"]
+        backend.set_budget(MemorySize(**budget) if budget else None)
+        if request.get("describe"):
+            conn.send({"description": _describe(backend, spec)})
+            return
+        backend.configure(spec.train)
         with quiet_warnings():
             workload = build_workload(spec, backend.device)
-        step = TrainStep(workload, spec.train, backend.device)
-        result = run_probe(step, backend, request["batch_size"], spec.probe.steps)
+        step = TrainStep(
+            workload, spec.train, backend.device, optimizer_defaults=backend.optimizer_defaults()
+        )
+        size = request["batch_size"]
+        warm_up(lambda b: run_probe(step, backend, b, 1), backend)
+        result = run_probe(step, backend, size, spec.probe.steps)
         conn.send(result.to_record())
     except BaseException as exc:  # a failure to build is an outcome too
         failure = classify(exc)
         conn.send({"build_failure": failure.to_dict()})
     finally:
         conn.close()
+
+
+def _describe(backend: Backend, spec: Spec) -> dict[str, Any]:
+    label, capacity, allowance = backend.estimate_target(spec.estimate)
+    return {
+        "info": dataclasses.asdict(backend.info()),
+        "capacity_bytes": backend.capacity_bytes,
+        "budget_bytes": backend.budget_bytes,
+        "budget_is_default": backend.budget_is_default,
+        "free_bytes_at_start": backend.free_bytes_at_start,
+        "collective_backend": backend.collective_backend,
+        "estimate_target": [label, capacity, dataclasses.asdict(allowance)],
+        "peak_flops": {
+            f"{p}/{m}": backend.peak_flops(p, m)
+            for p in ("fp32", "bf16", "fp16")
+            for m in ("matmul", "conv")
+        },
+        "optimizer_defaults": backend.optimizer_defaults(),
+    }
 
 
 @contextlib.contextmanager
@@ -77,19 +109,35 @@ def _main_not_reimported() -> Iterator[None]:
 
 
 class IsolatedProber:
-    """`prober(b) -> ProbeResult`, each call in a fresh child process."""
+    """`prober(b) -> ProbeResult`, each call in a fresh child process. The parent holds none of
+    the device's memory: `describe()` asks a child what the device looks like."""
 
-    def __init__(self, spec: Spec, budget_bytes: int | None, timeout_s: float) -> None:
-        self.request = {"spec": spec.to_dict(), "origin": spec.origin, "budget_bytes": budget_bytes}
+    def __init__(self, spec: Spec, budget: MemorySize | None, timeout_s: float) -> None:
+        self.request = {
+            "spec": spec.to_dict(),
+            "origin": spec.origin,
+            "budget": dataclasses.asdict(budget) if budget is not None else None,
+        }
         self.timeout_s = timeout_s
         self.ctx = multiprocessing.get_context("forkserver")
         self.ctx.set_forkserver_preload(_PRELOAD)
 
     def __call__(self, batch_size: int) -> ProbeResult:
+        data, exitcode, seconds = self._ask({"batch_size": batch_size})
+        return _result(batch_size, data, exitcode, seconds, self.timeout_s)
+
+    def describe(self) -> DeviceView:
+        """The device as a fresh process sees it (its capacity, free memory, budget)."""
+        data, exitcode, _ = self._ask({"describe": True})
+        if not isinstance(data, dict) or "description" not in data:
+            failure = data.get("build_failure") if isinstance(data, dict) else None
+            why = failure["message"] if failure else f"exit code {exitcode}"
+            raise DeviceError(f"the device could not be opened in a child process: {why}")
+        return DeviceView.from_description(data["description"])
+
+    def _ask(self, extra: dict[str, Any]) -> tuple[Any, int | None, float]:
         recv, send = self.ctx.Pipe(duplex=False)
-        child = self.ctx.Process(
-            target=_child, args=(send, {**self.request, "batch_size": batch_size}), daemon=True
-        )
+        child = self.ctx.Process(target=_child, args=(send, {**self.request, **extra}), daemon=True)
         started = time.perf_counter()
         with _main_not_reimported():
             child.start()
@@ -110,20 +158,18 @@ class IsolatedProber:
             if child.is_alive():
                 child.kill()
                 child.join()
-        seconds = time.perf_counter() - started
-        return _result(batch_size, data, child.exitcode, seconds, self.timeout_s)
+        return data, child.exitcode, time.perf_counter() - started
 
 
 def _result(
     batch_size: int, data: Any, exitcode: int | None, seconds: float, timeout_s: float
 ) -> ProbeResult:
-    if isinstance(data, dict) and "build_failure" in data:
-        failure = Failure.from_dict(data["build_failure"])
-        return ProbeResult(
-            batch_size, failure.outcome, None, seconds, failure=failure, isolated=True
-        )
     if isinstance(data, dict):
-        result = ProbeResult.from_record(data)
+        if "build_failure" in data:
+            failure = Failure.from_dict(data["build_failure"])
+            result = ProbeResult(batch_size, failure.outcome, None, seconds, failure=failure)
+        else:
+            result = ProbeResult.from_record(data)
         if result.failure is not None and result.failure.sticky:
             # the process that saw it is gone: a size this large is off limits, smaller ones are not
             result = replace(result, outcome=Outcome.LIMIT)

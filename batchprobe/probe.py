@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from batchprobe.backends.base import MemoryFigures
 from batchprobe.results import Failure, FailureKind, ProbeResult
 from batchprobe.search import Observation, Outcome, StrategyGen
 from batchprobe.step import TrainStep
 
 if TYPE_CHECKING:
-    from batchprobe.backends.base import Backend
+    from batchprobe.backends.base import Backend, Meter
 
 # Lower-case fragments of exception messages, checked along the __cause__/__context__ chain after
 # the exception types: the texts PyTorch raises for each way of running out of memory (caching
@@ -38,8 +39,17 @@ OOM_PATTERNS: tuple[tuple[str, FailureKind], ...] = (
     ("xpu out of memory", "allocator"),
     ("mps backend out of memory", "allocator"),
     ("cublas_status_alloc_failed", "cublas"),
+    # cublasCreate under memory pressure: the handle's own device memory did not fit
+    ("cublas_status_not_initialized", "cublas"),
     ("cudnn_status_alloc_failed", "cudnn"),
-    ("cudnn_status_not_supported", "cudnn"),  # large-batch conv/BN near the limit
+    # cuDNN's internal allocations near the limit (v8), and v9's frontend when no engine's
+    # workspace fits ("FIND was unable to find an engine", "GET was unable ...")
+    ("cudnn_status_internal_error", "cudnn"),
+    ("unable to find an engine to execute this computation", "cudnn"),
+    # a convolution or BatchNorm too large for cuDNN's kernels: a batch limit near the top, but
+    # at batch 1 a model or configuration error (see NOT_MEMORY_AT_ONE)
+    ("cudnn_status_not_supported", "unsupported"),
+    ("cufft_alloc_failed", "cufft"),
     ("defaultcpuallocator: can't allocate memory", "host"),
     ("defaultcpuallocator: not enough memory", "host"),
     ("out of memory", "other"),
@@ -51,6 +61,11 @@ LIMIT_PATTERNS: tuple[str, ...] = (
     "invalid configuration argument",
     "integer out of range",
 )
+#: failures that mean "too large" near the boundary, but not memory when even batch 1 fails
+NOT_MEMORY_AT_ONE: frozenset[FailureKind] = frozenset({"unsupported"})
+#: cudaError_t codes (torch.AcceleratorError.error_code, torch >= 2.8)
+CUDA_OOM_CODES = frozenset({2})  # cudaErrorMemoryAllocation
+CUDA_STICKY_CODES = frozenset({214, 700, 710, 715, 716, 719})  # ECC, illegal address, assert, ...
 STICKY_PATTERNS: tuple[str, ...] = (
     "illegal memory access",
     "device-side assert triggered",
@@ -83,6 +98,11 @@ def classify(exc: BaseException) -> Failure:
             text = str(e).lower()
             kind: FailureKind = next((k for p, k in OOM_PATTERNS if p in text), "allocator")
             return Failure(Outcome.OOM, kind, name, message)
+        code = getattr(e, "error_code", None)  # a failed CUDA runtime call says which
+        if isinstance(code, int) and code in CUDA_OOM_CODES:
+            return Failure(Outcome.OOM, "cuda-runtime", name, message)
+        if isinstance(code, int) and code in CUDA_STICKY_CODES:
+            return Failure(Outcome.ERROR, "sticky", name, message, _format(exc))
     for e in chain:
         text = str(e).lower()
         for pattern in STICKY_PATTERNS:
@@ -133,36 +153,35 @@ def run_probe(
     step: TrainStep, backend: Backend, batch_size: int, steps: int = 2, dry_run: bool = False
 ) -> ProbeResult:
     """One probe: `steps` full training steps at `batch_size`, then recovery. Never raises for
-    OOM/limit/model errors (they become the outcome); KeyboardInterrupt passes through after
-    cleanup. `dry_run`: the steps under no_sync, without collectives (the distributed pre-check)."""
-    clean(backend, collect=False)
-    failure: Failure | None = None
+    OOM/limit/model errors, nor for a device that fails during cleanup (a sticky error makes
+    every later call fail: that is the outcome); KeyboardInterrupt passes through after cleanup.
+    `dry_run`: the steps under no_sync, without collectives (the distributed pre-check)."""
     started = time.perf_counter()
+    failure = _quietly(lambda: clean(backend, collect=False))
     meter = None
     retained = 0
-    try:
-        with backend.track(step.persistent_tensors()) as meter:
-            step.observer = meter
-            _run_steps(step, batch_size, steps, dry_run)
-            backend.synchronize()
-    except Exception as exc:
-        failure = classify(exc)
-    finally:
-        # Recovery runs here, outside the except block: `exc` and its frames are gone.
-        seconds = time.perf_counter() - started
-        step.observer = None
-        step.end()
-        # A completed probe frees everything by reference counting; a failed one may leave
-        # reference cycles (traceback frames), and only then is a full collection worth it.
-        clean(backend, collect=failure is not None)
-        if meter is not None:
-            retained = meter.retained_bytes()
-            if retained:
-                clean(backend)
-                retained = meter.retained_bytes()
-            meter.close()
-    assert meter is not None
-    figures = meter.figures
+    if failure is None:
+        try:
+            with backend.track(step.persistent_tensors()) as meter:
+                step.observer = meter
+                _run_steps(step, batch_size, steps, dry_run)
+                backend.synchronize()
+        except Exception as exc:
+            failure = classify(exc)
+        finally:
+            # Recovery runs here, outside the except block: `exc` and its frames are gone.
+            step.observer = None
+            step.end()
+            # A completed probe frees everything by reference counting; a failed one may leave
+            # reference cycles (traceback frames), and only then is a full collection worth it.
+            after = _quietly(lambda: clean(backend, collect=failure is not None))
+            if after is None and meter is not None:
+                retained, after = _retained(backend, meter)
+            failure = failure if failure is not None and failure.sticky else after or failure
+            if meter is not None:
+                meter.close()
+    seconds = time.perf_counter() - started
+    figures = meter.figures if meter is not None else MemoryFigures()
     if failure is None and is_thrashing(figures.step_retries):
         failure = Failure(
             Outcome.OOM,
@@ -174,7 +193,7 @@ def run_probe(
     return ProbeResult(
         batch_size=batch_size,
         outcome=failure.outcome if failure else Outcome.FIT,
-        peak_bytes=figures.peak_bytes,
+        peak_bytes=figures.peak_bytes if meter is not None else None,
         reserved_bytes=figures.reserved_bytes,
         seconds=seconds,
         retained_bytes=retained,
@@ -184,7 +203,39 @@ def run_probe(
     )
 
 
+def _quietly(call: Callable[[], object]) -> Failure | None:
+    """Run a device call that must not end the search: a failure (a sticky device error makes
+    synchronize and empty_cache fail) becomes an outcome."""
+    try:
+        call()
+    except Exception as exc:
+        return classify(exc)
+    return None
+
+
+def _retained(backend: Backend, meter: Meter) -> tuple[int, Failure | None]:
+    """Bytes the probe left allocated after recovery (a second full cleanup first, if any)."""
+    try:
+        retained = meter.retained_bytes()
+        if retained:
+            clean(backend)
+            retained = meter.retained_bytes()
+    except Exception as exc:
+        return 0, classify(exc)
+    return retained, None
+
+
 Prober = Callable[[int], ProbeResult]
+
+
+def warm_up(run: Prober, backend: Backend) -> None:
+    """One step at batch 1 before any probe, its outcome ignored: what a process creates once
+    and keeps — cuBLAS handles and their workspaces (one per thread: forward and autograd),
+    cuDNN handles, lazily loaded kernels, FSDP's buffers, the NCCL communicator — then belongs
+    to the baseline every probe measures against, not to the first probe's peak or "retained"
+    memory. Batch 1: the smallest step that runs all of it. Free memory is read again after."""
+    run(1)
+    backend.settle()
 
 
 class ProbeProgress(Protocol):
@@ -237,6 +288,19 @@ class WatchedProber:
         return result
 
 
+def _at_one(result: ProbeResult) -> ProbeResult:
+    """A kernel that refuses the input when even batch 1 fails is not a memory limit but the
+    model or its configuration: an error (exit 2), not "nothing fits"."""
+    failure = result.failure
+    if result.batch_size > 1 or failure is None or failure.kind not in NOT_MEMORY_AT_ONE:
+        return result
+    message = (
+        f"{failure.message} (at batch 1: not a memory limit — check the model's layers and dtypes)"
+    )
+    error = replace(failure, outcome=Outcome.ERROR, kind="error", message=message)
+    return replace(result, outcome=Outcome.ERROR, failure=error)
+
+
 @dataclass
 class Driven:
     """What a driven search did: every probe (run or reused) and what the strategy was told."""
@@ -269,7 +333,7 @@ def drive(
             else:
                 if progress is not None:
                     progress.probe_started(b)
-                result = prober(b)
+                result = _at_one(prober(b))
             observation = result.observation(limit_bytes)
             done.probes.append(result)
             done.observations.append((b, observation))

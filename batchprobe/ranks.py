@@ -1,30 +1,35 @@
 """One process or many: `Solo` and `Dist` (torchrun) answer the same questions — agree on a probe,
-any rank, timing, who speaks — and `open_ranks` picks one, once.
+on a failure, on "go on?", who speaks — and `open_ranks` picks one, once.
 
 Under torchrun every rank probes the per-rank micro-batch, and every probe's outcome is agreed.
 The process group comes from the environment torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, ...),
-with the device backend's collective backend (NCCL on GPU, gloo on CPU). Two kinds of
-collectives, on separate groups:
+with the device backend's collective backend (NCCL on GPU, gloo on CPU), bound to this rank's
+device. Two kinds of collectives, on separate groups:
 
 - *data* collectives, inside the training step (DDP's gradient all-reduce, FSDP's all-gathers and
-  reduce-scatters), on a group batchprobe re-creates after any failed probe, so a collective one
-  rank skipped cannot pair with the next one;
+  reduce-scatters). After a failure in a step that holds them, a collective one rank skipped must
+  not pair with the next one: the group is replaced by a fresh one and the old one destroyed (its
+  communicator's buffers freed); FSDP's model is re-sharded on the new group's mesh.
 - *control* collectives, a gloo group of its own: after every probe all ranks exchange their
   outcome and peak, and all take the worst outcome and the largest peak. Strategies are pure
   functions of what they are told, so all ranks then try the same next size and end on the same
   answer.
 
-One rank's OOM must not leave the others waiting in a collective for the 10-minute watchdog. With
-DDP a probe first runs its training steps under `no_sync()` — the same memory, optimizer state
-included, but no collective after DDP's construction — and agrees on that: an OOM is caught
-there, at once. An OOM in the synchronized steps that follow (the all-reduce's own buffers) leaves
-the other ranks in a collective until `probe.collective_timeout_s`; they report a peer failure,
-the agreement names the real one, and the data group is replaced.
+One rank's OOM must not leave the others waiting in a collective. With DDP a probe first runs its
+training steps under `no_sync()` — the same memory, optimizer state included, but no collective
+after DDP's construction — and agrees on that: an OOM is caught there, at once. An OOM in the
+synchronized steps that follow (an all-reduce's own buffers, FSDP's all-gathers) leaves the other
+ranks in a collective until `probe.collective_timeout_s`. NCCL's watchdog then acts as
+`TORCH_NCCL_ASYNC_ERROR_HANDLING` says; its default (3, torch 2.4-2.14) takes every waiting
+process down, so batchprobe sets 2 (CleanUpOnly: the communicator is aborted and the waiting
+rank's collective raises) unless the user chose otherwise. The waiting ranks then report a peer
+failure, the agreement names the real one, and the data group is replaced.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import inspect
 import os
 from collections.abc import Callable
@@ -41,6 +46,7 @@ from batchprobe.probe import run_probe
 from batchprobe.results import Failure, ProbeResult, StepTiming
 from batchprobe.search import Outcome
 from batchprobe.step import TrainStep
+from batchprobe.timing import PEER_FAILURE
 
 if TYPE_CHECKING:
     from batchprobe.backends.base import Backend
@@ -66,15 +72,19 @@ class Solo:
     rank = 0
     parallel: Parallel = "none"
     distributed = False
+    notes: tuple[str, ...] = ()
 
     def agree(self, result: ProbeResult) -> ProbeResult:
         return result
 
+    def agree_failure(self, failure: Failure) -> Failure:
+        return failure
+
     def agree_min(self, value: int | None) -> int | None:
         return value
 
-    def any_rank(self, flag: bool) -> bool:
-        return flag
+    def any_rank(self, *flags: bool) -> tuple[bool, ...]:
+        return flags
 
     def agree_timing(self, t: StepTiming) -> StepTiming:
         return t
@@ -96,6 +106,26 @@ def open_ranks(backend: Backend, parallel: Parallel, timeout_s: float) -> Solo |
     return Dist.from_env(backend, parallel, timeout_s)
 
 
+_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+
+
+def _nccl_error_handling() -> tuple[str, ...]:
+    """CleanUpOnly (2) unless the user chose: a timed-out collective aborts its communicator and
+    raises on the waiting rank, where TearDown (1) and SkipCleanUp (3, the default) end the
+    process. Read by NCCL when a process group is made: set before the first."""
+    chosen = os.environ.get(_ERROR_HANDLING)
+    if chosen is None:
+        os.environ[_ERROR_HANDLING] = "2"
+        return ()
+    if chosen.strip() in ("1", "3"):
+        return (
+            f"{_ERROR_HANDLING}={chosen.strip()}: NCCL takes the whole job down when a collective "
+            "times out, so a rank that runs out of memory inside a synchronized step (the others "
+            "waiting in an all-reduce) ends the search; unset it to let batchprobe recover",
+        )
+    return ()
+
+
 @dataclass
 class Dist:
     rank: int
@@ -104,8 +134,12 @@ class Dist:
     parallel: Parallel
     timeout_s: float
     backend_name: str
+    device_type: str  # what FSDP's mesh is made of
     control: Any = None  # gloo group for agreement
     data: Any = None  # group the training step's collectives use
+    notes: tuple[str, ...] = ()
+    #: set by the session under FSDP: a fresh model, sharded on the new data group
+    rebuild: Callable[[], None] | None = None
     distributed = True
 
     # -- set-up ---------------------------------------------------------------------------
@@ -113,8 +147,12 @@ class Dist:
     def from_env(cls, device: Backend, parallel: Parallel, timeout_s: float) -> Dist:
         backend = device.collective_backend
         timeout = timedelta(seconds=timeout_s)
+        notes = _nccl_error_handling()
         if not dist.is_initialized():
-            dist.init_process_group(backend=backend, timeout=timeout)
+            bound = device.collective_device()
+            supported = "device_id" in inspect.signature(dist.init_process_group).parameters
+            extra: dict[str, Any] = {"device_id": bound} if bound is not None and supported else {}
+            dist.init_process_group(backend=backend, timeout=timeout, **extra)
         d = cls(
             rank=dist.get_rank(),
             world_size=dist.get_world_size(),
@@ -122,6 +160,8 @@ class Dist:
             parallel=parallel,
             timeout_s=timeout_s,
             backend_name=backend,
+            device_type=device.device.type,
+            notes=notes,
         )
         # the control group outwaits the data group: a rank stuck in a data collective a peer
         # left reaches the agreement only after the data timeout
@@ -131,10 +171,17 @@ class Dist:
         return d
 
     def renew_data_group(self) -> None:
-        """After a failed probe: a fresh group, so no collective left pending pairs with a new one."""
+        """A fresh data group, so no collective left pending pairs with a new one; the old group
+        is destroyed (its communicator and buffers freed), and FSDP's model re-sharded."""
+        old = self.data
         self.data = dist.new_group(
             backend=self.backend_name, timeout=timedelta(seconds=self.timeout_s)
         )
+        # an aborted communicator may refuse to be destroyed: it is gone anyway
+        with contextlib.suppress(RuntimeError, ValueError):
+            dist.destroy_process_group(old)
+        if self.parallel == "fsdp" and self.rebuild is not None:
+            self.rebuild()
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -144,48 +191,21 @@ class Dist:
     def wrap(self, backend: Backend) -> Callable[[nn.Module], nn.Module] | None:
         """DDP is built afresh for every probe (its reducer does not survive an exception in
         backward, and its buckets belong in the probe's peak); FSDP shards once, in place."""
-        if self.parallel != "ddp":
-            return None
-
-        from torch.nn.parallel import DistributedDataParallel
-
-        # No buffer broadcast at each forward: it would be the one collective left in the
-        # no_sync dry run (its bytes are a few buffers' worth). Newer torch names the switch
-        # forward_sync_buffers.
-        params = inspect.signature(DistributedDataParallel).parameters
-        no_buffer_sync: dict[str, Any] = (
-            {"forward_sync_buffers": False}
-            if "forward_sync_buffers" in params
-            else {"broadcast_buffers": False}
-        )
-
-        def ddp(module: nn.Module) -> nn.Module:
-            return DistributedDataParallel(
-                module,
-                device_ids=backend.ddp_device_ids(),
-                process_group=self.data,
-                **no_buffer_sync,
-            )
-
-        return ddp
+        return _ddp(self.data, backend) if self.parallel == "ddp" else None
 
     def shard(self, model: nn.Module) -> None:
-        """FSDP2, in place: each block of a ModuleList (transformer layers) is a unit — else each
-        child with parameters — then the root."""
-        if self.parallel != "fsdp":
-            return
-        from torch.distributed.fsdp import fully_shard
+        if self.parallel == "fsdp":
+            _fsdp_shard(model, self.data, self.device_type)
 
-        blocks = [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst]
-        units = blocks or [c for c in model.children() if any(True for _ in c.parameters())]
-        for unit in units:
-            fully_shard(unit)
-        fully_shard(model)
+    def reset(self, model: nn.Module) -> None:
+        if self.parallel == "fsdp":
+            _fsdp_reset(model)
 
     # -- agreement ------------------------------------------------------------------------
-    def agree(self, result: ProbeResult) -> ProbeResult:
+    def agree(self, result: ProbeResult, synced: bool = True) -> ProbeResult:
         """All ranks take the worst outcome (a peer's collective failure is not the cause) and
-        the largest peaks."""
+        the largest peaks. After a failure in steps that held data collectives (`synced`), the
+        data group is replaced."""
         mine = (
             _SEVERITY[result.outcome],
             result.failure.to_dict() if result.failure else None,
@@ -211,9 +231,20 @@ class Dist:
             line_bytes=max(e[3] for e in everyone) or None,
             reserved_bytes=max(e[4] for e in everyone) or None,
         )
-        if outcome is not Outcome.FIT:
+        if outcome is not Outcome.FIT and synced:
             self.renew_data_group()
         return agreed
+
+    def agree_failure(self, failure: Failure) -> Failure:
+        """A step failed on some rank while timed: every rank takes the real cause (not a peer's
+        collective error), and the data group is replaced."""
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, failure.to_dict(), group=self.control)
+        causes = [e for e in everyone if not _is_peer_failure(e)] or everyone
+        worst = max(causes, key=lambda e: _SEVERITY[Outcome(e["outcome"])])
+        self.renew_data_group()
+        agreed = Failure.from_dict(worst)
+        return replace(agreed, message=f"rank {everyone.index(worst)}: {agreed.message}")
 
     def agree_min(self, value: int | None) -> int | None:
         """The smallest value over ranks (None when any rank has none)."""
@@ -222,11 +253,11 @@ class Dist:
         out = int(tensor.item())
         return None if out < 0 else out
 
-    def any_rank(self, flag: bool) -> bool:
-        """True when `flag` is set on any rank."""
-        tensor = torch.tensor([int(flag)], dtype=torch.int64)
+    def any_rank(self, *flags: bool) -> tuple[bool, ...]:
+        """For each flag, whether it is set on any rank."""
+        tensor = torch.tensor([int(f) for f in flags], dtype=torch.int64)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.control)
-        return bool(tensor.item())
+        return tuple(bool(v) for v in tensor.tolist())
 
     def agree_timing(self, t: StepTiming) -> StepTiming:
         """The slowest rank sets the pace: the max over ranks of every figure."""
@@ -249,14 +280,82 @@ class Dist:
     def probe(self, step: TrainStep, backend: Backend, batch_size: int, steps: int) -> ProbeResult:
         """A probe every rank runs in lockstep, agreed after each phase."""
         if self.parallel == "ddp":
-            dry = self.agree(run_probe(step, backend, batch_size, steps, dry_run=True))
+            dry = run_probe(step, backend, batch_size, steps, dry_run=True)
+            dry = self.agree(dry, synced=False)  # no collective ran: the group is clean
             if dry.outcome is not Outcome.FIT:
                 return dry
-        return self.agree(run_probe(step, backend, batch_size, steps))
+        result = run_probe(step, backend, batch_size, steps)
+        if result.outcome is not Outcome.FIT:
+            self.reset(step.model)
+        return self.agree(result)
+
+
+def _ddp(group: Any, backend: Backend) -> Callable[[nn.Module], nn.Module]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    # No buffer broadcast at each forward: it would be the one collective left in the no_sync
+    # dry run (its bytes are a few buffers' worth). Newer torch names the switch
+    # forward_sync_buffers.
+    params = inspect.signature(DistributedDataParallel).parameters
+    no_buffer_sync: dict[str, Any] = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in params
+        else {"broadcast_buffers": False}
+    )
+
+    def wrap(module: nn.Module) -> nn.Module:
+        return DistributedDataParallel(
+            module, device_ids=backend.ddp_device_ids(), process_group=group, **no_buffer_sync
+        )
+
+    return wrap
+
+
+def _fsdp_shard(model: nn.Module, group: Any, device_type: str) -> None:
+    """FSDP2, in place, on `group`'s mesh: each block of a ModuleList (transformer layers) is a
+    unit — else each child with parameters — then the root. Inner units first: a module must be
+    sharded before any module that contains it."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = DeviceMesh.from_group(group, device_type)
+    blocks = [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst]
+    units = blocks or [c for c in model.children() if any(True for _ in c.parameters())]
+    depth = {id(m): d for d, m in _depths(model)}
+    for unit in sorted(units, key=lambda m: -depth[id(m)]):  # deepest first
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _fsdp_reset(model: nn.Module) -> None:
+    """After a failed step: FSDP's per-iteration state (unsharded parameters, training state)
+    back to rest, so that the next probe starts clean."""
+    reset = getattr(model, "reset_iter_state", None)  # torch >= 2.13, on the root
+    if reset is not None:
+        reset()
+        return
+    for m in model.modules():
+        reshard = getattr(m, "reshard", None)
+        if reshard is not None:
+            reshard()
+
+
+def _depths(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    out: list[tuple[int, nn.Module]] = []
+
+    def walk(module: nn.Module, depth: int) -> None:
+        out.append((depth, module))
+        for child in module.children():
+            walk(child, depth + 1)
+
+    walk(model, 0)
+    return out
 
 
 def _is_peer_failure(failure: dict[str, Any]) -> bool:
     if failure["outcome"] != Outcome.ERROR.value:
         return False
+    if failure["error_type"] == PEER_FAILURE:
+        return True
     text = failure["message"].lower()
     return any(p in text for p in _PEER_PATTERNS)

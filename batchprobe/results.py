@@ -24,6 +24,7 @@ FailureKind = Literal[
     "cublas",  # cuBLAS workspace / handle allocation
     "cudnn",  # cuDNN workspace allocation, or a large-batch kernel it cannot run
     "cufft",
+    "unsupported",  # CUDNN_STATUS_NOT_SUPPORTED: too large for the kernel (an error at batch 1)
     "host",  # the host allocator (RAM)
     "other",  # some other "out of memory"
     "thrash",  # allocator retries in consecutive steps: completes, on the edge
@@ -222,6 +223,7 @@ class PlanRun:
     peaks: dict[int, ProbeResult] = field(default_factory=dict)
     flops_per_sample: float | None = None
     flops_fixed: float = 0.0
+    flops_conv_share: float = 0.0  # of the FLOPs, those of convolutions
     headroom_batch_size: int | None = None
     interrupted: bool = False
     warnings: list[str] = field(default_factory=list)
@@ -253,20 +255,24 @@ class Allowance:
     """What a real device adds to the traced peak."""
 
     fragmentation: float = 0.0  # relative: allocator rounding beyond 512 B blocks, fragmentation
-    context_bytes: int = 0  # fixed, outside the allocator: CUDA context, cuBLAS/cuDNN workspaces
+    context_bytes: int = 0  # fixed, outside the allocator: CUDA context, library handles, NCCL
+    workspace_bytes: int = 0  # fixed, inside the allocator: cuBLAS's workspaces, one per thread
     round_to: int = 1  # bytes every storage is rounded up to
     flash_attention: bool = False  # model attention as the GPU's memory-efficient kernels
+    foreach: bool = False  # the optimizer's multi-tensor path, as torch runs it on CUDA
 
     def device_bytes(self, traced_bytes: int) -> int:
         return int(traced_bytes * (1.0 + self.fragmentation))
 
     def usable(self, capacity_bytes: int) -> int:
-        return capacity_bytes - self.context_bytes
+        return capacity_bytes - self.context_bytes - self.workspace_bytes
 
     def describe(self) -> str:
         from batchprobe.units import format_bytes
 
-        if not (self.fragmentation or self.context_bytes or self.round_to > 1):
+        if not (
+            self.fragmentation or self.context_bytes or self.workspace_bytes or self.round_to > 1
+        ):
             return "none (the trace is what the CPU backend measures)"
         parts = []
         if self.round_to > 1:
@@ -274,9 +280,13 @@ class Allowance:
         if self.fragmentation:
             parts.append(f"+{self.fragmentation:.0%} for allocator rounding and fragmentation")
         if self.context_bytes:
-            parts.append(f"{format_bytes(self.context_bytes)} for the CUDA context and workspaces")
+            parts.append(f"{format_bytes(self.context_bytes)} for the CUDA context and handles")
+        if self.workspace_bytes:
+            parts.append(f"{format_bytes(self.workspace_bytes)} for cuBLAS's workspaces")
         if self.flash_attention:
             parts.append("attention as memory-efficient kernels")
+        if self.foreach:
+            parts.append("the optimizer's foreach (multi-tensor) path, as torch runs it on CUDA")
         return "; ".join(parts)
 
 

@@ -185,6 +185,11 @@ def seeded(guess: int, cap: int) -> StrategyGen:
         step *= 2
 
 
+def iter_once(size: int) -> StrategyGen:
+    """One probe at `size` (a check, not a search)."""
+    yield size
+
+
 @dataclass(frozen=True)
 class SearchContext:
     """What a strategy may know before its first probe."""
@@ -290,9 +295,11 @@ class SearchResult:
 def summarize(
     probes: Sequence[tuple[int, Observation]], cap: int, *, interrupted: bool = False
 ) -> SearchResult:
-    """The result implied by a list of probes (complete or not)."""
-    fit_sizes = [b for b, o in probes if o.outcome is Outcome.FIT]
-    failed = [b for b, o in probes if o.outcome is not Outcome.FIT]
+    """The result implied by a list of probes (complete or not). A size tried more than once
+    (the device changed under the search) counts as its latest outcome."""
+    latest = {b: o.outcome for b, o in probes}
+    fit_sizes = [b for b, o in latest.items() if o is Outcome.FIT]
+    failed = {b for b, o in latest.items() if o is not Outcome.FIT}
     best = max(fit_sizes) if fit_sizes else None
     error = any(o.outcome is Outcome.ERROR for _, o in probes)
     capped = best is not None and best >= cap

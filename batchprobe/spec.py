@@ -104,6 +104,20 @@ class TrainSpec:
     parallel: Parallel = field(
         default="auto", metadata=_doc("auto (ddp when WORLD_SIZE > 1) | none | ddp | fsdp")
     )
+    cudnn_benchmark: bool = field(
+        default=True,
+        metadata=_doc(
+            "torch.backends.cudnn.benchmark, as training scripts set it: cuDNN autotunes each "
+            "convolution shape, and the workspace it picks is in the peak"
+        ),
+    )
+    tf32: bool | None = field(
+        default=None,
+        metadata=_doc(
+            "TF32 math for float32 matmuls and convolutions: null = torch's defaults "
+            "(convolutions TF32, matmuls full FP32), true = both, false = neither"
+        ),
+    )
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ No search or timing policy lives here: probes, timing and estimates all drive th
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -36,8 +36,13 @@ class TrainStep:
         device: torch.device,
         wrap: Callable[[nn.Module], nn.Module] | None = None,
         fake: bool = False,
+        optimizer_defaults: Mapping[str, Any] | None = None,
     ) -> None:
         self.workload = workload
+        # How the device runs the optimizer when the spec does not say (torch picks the
+        # multi-tensor `foreach` path for CUDA tensors): stated, so that the simulated GPU and the
+        # traces of a GPU run the same implementation, with its temporaries.
+        self.optimizer_defaults = dict(optimizer_defaults or {})
         # Traced with fake tensors (estimate): no GradScaler (its inf check reads a value; its
         # state is a few scalars) and no compilation.
         self.fake = fake
@@ -56,6 +61,12 @@ class TrainStep:
         self.scaler: torch.amp.GradScaler | None = None
         self.observer: StepObserver | None = None
         self.autocast_dtype = _AUTOCAST.get(train.precision)
+
+    def replace_model(self, model: nn.Module) -> None:
+        """Train `model` from now on (FSDP's model, re-sharded on a new process group)."""
+        self.end()
+        self.workload.model = self.model = self.runner = model
+        self.model.train()
 
     # -- state ------------------------------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
@@ -79,7 +90,9 @@ class TrainStep:
         params = [p for p in self.parameters() if p.requires_grad]
         if spec.name in OPTIMIZER_CLASSES:
             cls = getattr(torch.optim, OPTIMIZER_CLASSES[spec.name])
-            self.optimizer = cls(params, lr=spec.lr, **spec.kwargs)
+            chosen = "foreach" in spec.kwargs or "fused" in spec.kwargs
+            kwargs = spec.kwargs if chosen else {**self.optimizer_defaults, **spec.kwargs}
+            self.optimizer = cls(params, lr=spec.lr, **kwargs)
         if self.train_spec.precision == "fp16" and not self.fake:
             # init_scale=1: with the default 2**16 the first steps often overflow and are skipped,
             # and a skipped step creates no optimizer state: the probe would under-count memory.

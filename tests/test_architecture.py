@@ -24,7 +24,7 @@ LAYERS: list[list[str]] = [
     ["results"],
     ["report.*"],  # rendering: results in, text out; no torch
     ["memory", "examples", "sources.*", "step"],
-    ["backends.base", "backends.cpu", "backends.cuda"],
+    ["backends.base", "backends.cpu", "backends.cuda", "backends.cudadriver", "backends.simcuda.*"],
     ["probe", "timing", "noise", "estimate"],
     ["isolate", "ranks"],
     ["session"],
@@ -137,18 +137,31 @@ def test_modules_that_never_touch_a_device_do_not_import_torch(module: str) -> N
     assert done.stdout.strip() == "False", f"{module} imports torch"
 
 
+def _device_code(tree: ast.AST) -> list[int]:
+    """Lines that test a device type (`x.type == "cuda"`) or call into torch.cuda."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            typed = any(isinstance(s, ast.Attribute) and s.attr == "type" for s in sides)
+            named = any(isinstance(s, ast.Constant) and s.value in ("cuda", "cpu") for s in sides)
+            if typed and named:
+                found.append(node.lineno)
+        elif isinstance(node, ast.Attribute) and ast.unparse(node).startswith("torch.cuda."):
+            found.append(node.lineno)
+    return found
+
+
 def test_device_types_are_tested_only_in_backends() -> None:
-    pattern = re.compile(
-        r"\.type *[!=]= *[\"'](cuda|cpu)[\"']|cuda\.is_available\(\)|torch\.cuda\."
-    )
     found = [
-        f"{path.relative_to(ROOT)}:{i}"
+        f"{path.relative_to(ROOT)}:{line}"
         for path in PACKAGE.rglob("*.py")
         if "backends" not in path.parts
-        for i, line in enumerate(path.read_text().splitlines(), 1)
-        if pattern.search(line)
+        for line in _device_code(ast.parse(path.read_text()))
     ]
     assert not found, found
+    # the rule can fail
+    assert _device_code(ast.parse('if x.device.type == "cuda": torch.cuda.synchronize()'))
 
 
 def test_nothing_cites_documents_outside_the_repository() -> None:

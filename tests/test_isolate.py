@@ -5,6 +5,7 @@ import pytest
 from batchprobe.isolate import IsolatedProber
 from batchprobe.probe import is_thrashing
 from batchprobe.search import Outcome
+from batchprobe.units import MemorySize
 
 from helpers import session
 
@@ -53,7 +54,7 @@ def test_a_sticky_error_in_process_switches_to_isolation() -> None:
 
 def test_a_build_failure_in_the_child_is_reported() -> None:
     s = session("zoo:mlp", budget="64MiB")
-    prober = IsolatedProber(s.spec, 1, timeout_s=60)  # a 1-byte budget: nothing fits
+    prober = IsolatedProber(s.spec, MemorySize(bytes=1), timeout_s=60)  # nothing fits
     result = prober(4)
     assert result.outcome is Outcome.OOM and result.isolated
 

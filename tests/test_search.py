@@ -126,3 +126,11 @@ def test_seeded_search_from_a_right_guess_takes_two_probes() -> None:
     assert run(30, 37) == [30, 31, 33, 37, 45, 41, 39, 38]
     assert run(5, 1) == [5, 4, 2, 1]
     assert run(3, 0) == [3, 2, 1]
+
+
+def test_a_size_tried_again_counts_as_its_latest_outcome() -> None:
+    # 12 fit, then the device lost room: 12 failed when tried again, 11 fits
+    fit, oom = Observation(Outcome.FIT), Observation(Outcome.OOM)
+    probes = [(8, fit), (16, oom), (12, fit), (13, oom), (12, oom), (11, fit)]
+    result = summarize(probes, cap=1000)
+    assert result.best == 11 and result.exact and result.stopped == "boundary"

@@ -32,12 +32,13 @@ def test_timing_leaves_no_gradients_or_optimizer_state(mlp) -> None:
 
 
 def test_flops_are_counted_and_linear_in_batch(mlp) -> None:
-    fixed, per_sample = flops_per_sample(mlp.step)
+    fixed, per_sample, conv_share = flops_per_sample(mlp.step)
+    assert conv_share == 0.0
     weights = [m.weight.numel() for m in mlp.step.model.modules() if isinstance(m, torch.nn.Linear)]
     # per sample: 2 FLOPs per weight forward, 2 for the weight gradient, 2 for the input
     # gradient — except the first layer, whose input (the data) needs no gradient
     assert per_sample == 6 * sum(weights) - 2 * weights[0]
-    assert count_flops(mlp.step, 8) == pytest.approx(fixed + 8 * per_sample, rel=1e-6)
+    assert count_flops(mlp.step, 8)[0] == pytest.approx(fixed + 8 * per_sample, rel=1e-6)
 
 
 def test_relative_spread() -> None:

@@ -7,13 +7,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
 from batchprobe.results import Allowance, DeviceInfo
-from batchprobe.spec import EstimateSpec, Precision
+from batchprobe.spec import EstimateSpec, Precision, TrainSpec
 from batchprobe.units import MemorySize
+
+Math = Literal["matmul", "conv"]
 
 
 @dataclass
@@ -93,13 +95,88 @@ class Backend(Protocol):
         """`device_ids` for DistributedDataParallel (None on the CPU)."""
         ...
 
-    def peak_flops(self, precision: Precision) -> float | None:
-        """The device's dense peak FLOP/s for this precision, when known (for MFU)."""
+    def collective_device(self) -> torch.device | None:
+        """The device to bind the process group to (`init_process_group(device_id=...)`: NCCL
+        forms its communicator on it at once), None where that does not apply."""
+        ...
+
+    def peak_flops(self, precision: Precision, math: Math) -> float | None:
+        """The device's dense peak FLOP/s for this precision and kind of math (matmuls and
+        convolutions may run in TF32 for float32 inputs), when known (for MFU)."""
+        ...
+
+    def optimizer_defaults(self) -> dict[str, Any]:
+        """How torch runs the optimizer here when the spec does not say (CUDA: foreach)."""
+        ...
+
+    def available_now(self) -> int | None:
+        """Memory this process could use now (free, plus what its allocator caches); None where
+        nothing else competes for it (the CPU's budget)."""
         ...
 
     def estimate_target(self, estimate: EstimateSpec) -> tuple[str, int, Allowance]:
         """(what, capacity, allowance) when `estimate` targets this device itself."""
         ...
+
+    def settle(self) -> None:
+        """After the warm-up step: re-read the memory free to probes (the context, library
+        handles and workspaces, the NCCL communicator now exist)."""
+        ...
+
+    def configure(self, train: TrainSpec) -> None:
+        """Apply the run's device settings (cuDNN autotuning, TF32) before the model runs."""
+        ...
+
+
+@dataclass
+class DeviceView:
+    """A device as a fresh child process saw it, for a process that holds none of its memory:
+    the parent of isolated probes. It answers what a search asks (limit, description, the
+    estimate's target); it runs nothing."""
+
+    description: dict[str, Any]
+    device: torch.device = field(default_factory=lambda: torch.device("meta"))
+
+    @classmethod
+    def from_description(cls, description: dict[str, Any]) -> DeviceView:
+        return cls(description)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return int(self.description["capacity_bytes"])
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return self.description["budget_bytes"]
+
+    @property
+    def budget_is_default(self) -> bool:
+        return bool(self.description["budget_is_default"])
+
+    @property
+    def free_bytes_at_start(self) -> int | None:
+        return self.description["free_bytes_at_start"]
+
+    @property
+    def collective_backend(self) -> str:
+        return str(self.description["collective_backend"])
+
+    def info(self) -> DeviceInfo:
+        return DeviceInfo(**self.description["info"])
+
+    def estimate_target(self, estimate: EstimateSpec) -> tuple[str, int, Allowance]:
+        label, capacity, allowance = self.description["estimate_target"]
+        return label, capacity, Allowance(**allowance)
+
+    def peak_flops(self, precision: Precision, math: Math) -> float | None:
+        value = self.description["peak_flops"].get(f"{precision}/{math}")
+        return float(value) if value is not None else None
+
+    def optimizer_defaults(self) -> dict[str, Any]:
+        return dict(self.description["optimizer_defaults"])
+
+    def available_now(self) -> int | None:
+        return None  # each child measures for itself
 
 
 class BackendType(Protocol):
@@ -115,8 +192,9 @@ class BackendType(Protocol):
         """Why `name` cannot be opened here, and the fix."""
         ...
 
-    def allowance(self, estimate: EstimateSpec) -> Allowance:
-        """What this kind of device adds to a traced peak (for `estimate` targets)."""
+    def allowance(self, estimate: EstimateSpec, major: int = 9) -> Allowance:
+        """What this kind of device adds to a traced peak (for `estimate` targets); `major`:
+        the GPU generation where it matters."""
         ...
 
     def describe(self) -> dict[str, object]:

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from batchprobe.backends.base import MemoryFigures
+from batchprobe.backends.base import Math, MemoryFigures
 from batchprobe.memory import StorageLedger, TrackingMode
 from batchprobe.results import Allowance, DeviceInfo
-from batchprobe.spec import EstimateSpec, Precision
+from batchprobe.spec import EstimateSpec, Precision, TrainSpec
 from batchprobe.units import MemorySize
 
 DEFAULT_BUDGET_FRACTION = 0.5
@@ -96,7 +96,7 @@ class CpuBackend:
         return f"device {name!r} is not available"
 
     @staticmethod
-    def allowance(estimate: EstimateSpec) -> Allowance:
+    def allowance(estimate: EstimateSpec, major: int = 0) -> Allowance:
         """Nothing: the ledger counts exactly what a trace counts."""
         return Allowance()
 
@@ -159,8 +159,23 @@ class CpuBackend:
     def ddp_device_ids(self) -> list[int] | None:
         return None
 
-    def peak_flops(self, precision: Precision) -> float | None:
+    def collective_device(self) -> torch.device | None:
+        return None
+
+    def peak_flops(self, precision: Precision, math: Math) -> float | None:
         return None  # no datasheet peak for CPUs: give plan.peak_tflops for MFU
+
+    def optimizer_defaults(self) -> dict[str, Any]:
+        return {}  # torch's own choice on the CPU: the single-tensor loops
+
+    def available_now(self) -> int | None:
+        return None  # the budget is the limit on the CPU
+
+    def configure(self, train: TrainSpec) -> None:
+        return None  # cuDNN and TF32 do not apply to the CPU
+
+    def settle(self) -> None:
+        return None  # capacity is the RAM available at start; a warm-up changes nothing here
 
     def estimate_target(self, estimate: EstimateSpec) -> tuple[str, int, Allowance]:
         """The CPU's own budget, with no allowance: the estimate is what find-max will measure."""

@@ -9,7 +9,14 @@ from collections.abc import Callable
 from typing import Any
 
 from batchprobe.flows.progress import Progress
-from batchprobe.results import CheckOutcome, CheckRun, Expectation, ProbeResult, StepTiming
+from batchprobe.results import (
+    CheckOutcome,
+    CheckRun,
+    Expectation,
+    Failure,
+    ProbeResult,
+    StepTiming,
+)
 from batchprobe.search import Outcome
 from batchprobe.session import Session
 from batchprobe.spec import Spec
@@ -52,87 +59,106 @@ def run(
 ) -> CheckRun:
     """Measure only what the expectations need: a single probe per size asked about (a max
     batch of at least N holds iff N fits), a timing per throughput expectation. With
-    `update_baseline`, also a full find-max and the figures a later run compares against."""
+    `update_baseline`, also a full find-max and the figures a later run compares against.
+
+    Every probe comes first, then the timings: with isolated probes, this process takes the
+    model onto the device only once no child needs it."""
     started = time.perf_counter()
     spec = session.spec
-    tol = spec.check.tolerance
-    tokens = session.workload.inputs.tokens_per_sample
-    say = (progress or Progress()).event
-    probes: dict[int, ProbeResult] = {}
-    timings: dict[int, StepTiming] = {}
-    outcomes: list[CheckOutcome] = []
-    run = CheckRun(outcomes, session.backend.info(), 0.0)
-
-    def probe(b: int) -> ProbeResult:
-        if b not in probes:
-            say(f"probe at micro-batch {b}")
-            probes[b] = session.probe(b)
-        return probes[b]
-
-    def timing(b: int) -> StepTiming | None:
-        if b not in timings:
-            if probe(b).outcome is not Outcome.FIT:
-                return None
-            say(f"timing micro-batch {b}")
-            timings[b] = session.time(b)
-        return timings[b]
-
+    m = _Measure(session, (progress or Progress()).event)
+    wanted = expectations(spec, baseline)
+    run = CheckRun([], session.backend.info(), 0.0)
     try:
-        for e in expectations(spec, baseline):
-            outcomes.append(_evaluate(e, tol, probe, timing, tokens, session))
+        memory = {i: _evaluate_memory(e, spec.check.tolerance, m) for i, e in enumerate(wanted)}
+        fm = None
         if update_baseline:
-            run.baseline = _measure_baseline(session, spec, probe, timing, tokens, say)
+            m.say("find-max for the baseline")
+            fm = session.search()
+        sizes = _baseline_sizes(spec, fm.max_batch_size if fm else None)
+        for e in wanted:  # the sizes to time must fit first
+            if e.micro_batch_size is not None:
+                m.probe(e.micro_batch_size)
+        for b in sizes:
+            m.probe(b)
+        for i, e in enumerate(wanted):
+            run.outcomes.append(memory[i] or _evaluate_speed(e, spec.check.tolerance, m))
+        if fm is not None:
+            run.baseline = _baseline(session, fm.max_batch_size, sizes, m)
     except KeyboardInterrupt:
         run.interrupted = True
     run.seconds = time.perf_counter() - started
     return run
 
 
-def _evaluate(
-    e: Expectation,
-    tol: float,
-    probe: Callable[[int], ProbeResult],
-    timing: Callable[[int], StepTiming | None],
-    tokens: int | None,
-    session: Session,
-) -> CheckOutcome:
+class _Measure:
+    """The check's probes and timings, each made once."""
+
+    def __init__(self, session: Session, say: Callable[[str], None]) -> None:
+        self.session = session
+        self.say = say
+        self.tokens = session.workload.inputs.tokens_per_sample
+        self.probes: dict[int, ProbeResult] = {}
+        self.timings: dict[int, StepTiming | Failure] = {}
+
+    def probe(self, b: int) -> ProbeResult:
+        if b not in self.probes:
+            self.say(f"probe at micro-batch {b}")
+            self.probes[b] = self.session.probe(b)
+        return self.probes[b]
+
+    def timing(self, b: int) -> StepTiming | Failure | None:
+        """None when `b` does not fit; a Failure when a step failed while timed."""
+        if self.probe(b).outcome is not Outcome.FIT:
+            return None
+        if b not in self.timings:
+            self.say(f"timing micro-batch {b}")
+            self.timings[b] = self.session.time(b)
+        return self.timings[b]
+
+
+def _evaluate_memory(e: Expectation, tol: float, m: _Measure) -> CheckOutcome | None:
+    """Max batch and peak expectations (probes); None for the others."""
     if e.name == "max_batch_size":
         need = max(1, math.ceil(e.value * (1 - tol)))
-        result = probe(need)
+        result = m.probe(need)
         if result.outcome is Outcome.FIT:
             return CheckOutcome(e, tol, need, True, f"{need} fits: the max is at least {need}")
         # failed: find the actual max (below `need`) so the report says how far it fell
         below = None
         if need > 1:
-            start = min(session.spec.probe.start, need - 1)
-            below = session.search(cap=need - 1, start=start).max_batch_size
+            start = min(m.session.spec.probe.start, need - 1)
+            below = m.session.search(cap=need - 1, start=start).max_batch_size
         why = result.failure.kind if result.failure else result.outcome.value
         return CheckOutcome(
-            e,
-            tol,
-            below,
-            False,
-            f"{need} does not fit ({why}); measured: the max below",
+            e, tol, below, False, f"{need} does not fit ({why}); measured: the max below"
         )
+    if e.name != "peak_bytes":
+        return None
     assert e.micro_batch_size is not None
     b = e.micro_batch_size
-    if e.name == "peak_bytes":
-        result = probe(b)
-        if result.outcome is not Outcome.FIT:
-            return CheckOutcome(
-                e, tol, None, False, f"micro-batch {b} does not fit ({result.outcome})"
-            )
-        peak = result.peak_bytes or 0
-        limit = e.value * (1 + tol)
-        return CheckOutcome(
-            e, tol, peak, peak <= limit, f"peak {format_bytes(peak)} at micro-batch {b}"
-        )
-    if e.name == "tokens_per_s" and tokens is None:
+    result = m.probe(b)
+    if result.outcome is not Outcome.FIT:
+        return CheckOutcome(e, tol, None, False, f"micro-batch {b} does not fit ({result.outcome})")
+    peak = result.peak_bytes or 0
+    limit = e.value * (1 + tol)
+    return CheckOutcome(
+        e, tol, peak, peak <= limit, f"peak {format_bytes(peak)} at micro-batch {b}"
+    )
+
+
+def _evaluate_speed(e: Expectation, tol: float, m: _Measure) -> CheckOutcome:
+    assert e.micro_batch_size is not None
+    b = e.micro_batch_size
+    if e.name == "tokens_per_s" and m.tokens is None:
         return CheckOutcome(e, tol, None, False, "tokens/s needs token inputs")
-    t = timing(b)
+    t = m.timing(b)
     if t is None:
         return CheckOutcome(e, tol, None, False, f"micro-batch {b} does not fit")
-    rate = b / t.step_s * (tokens if e.name == "tokens_per_s" and tokens else 1)
+    if isinstance(t, Failure):
+        return CheckOutcome(
+            e, tol, None, False, f"micro-batch {b} failed while timed ({t.kind}: {t.message})"
+        )
+    rate = b / t.step_s * (m.tokens if e.name == "tokens_per_s" and m.tokens else 1)
     note = " (unstable timing)" if t.unstable else ""
     return CheckOutcome(
         e,
@@ -143,42 +169,42 @@ def _evaluate(
     )
 
 
-def _measure_baseline(
-    session: Session,
-    spec: Spec,
-    probe: Callable[[int], ProbeResult],
-    timing: Callable[[int], StepTiming | None],
-    tokens: int | None,
-    say: Callable[[str], None],
-) -> dict[str, Any]:
-    say("find-max for the baseline")
-    fm = session.search()
+def _baseline_sizes(spec: Spec, max_batch: int | None) -> list[int]:
+    """The micro-batches a baseline records: those the spec names, else the largest power of
+    two up to the max."""
+    if max_batch is None:
+        return []
     c = spec.check
     sizes = {
         t.micro_batch_size for t in (c.min_samples_per_s, c.min_tokens_per_s, c.max_peak_bytes) if t
     }
-    if not sizes and fm.max_batch_size:
-        sizes = {2 ** int(math.log2(fm.max_batch_size))}
+    return sorted(sizes or {2 ** int(math.log2(max_batch))})
+
+
+def _baseline(
+    session: Session, max_batch: int | None, sizes: list[int], m: _Measure
+) -> dict[str, Any]:
     measurements = []
-    for b in sorted(sizes):
-        t = timing(b)
-        result = probe(b)
+    for b in sizes:
+        t = m.timing(b)
+        result = m.probe(b)
+        step_s = t.step_s if isinstance(t, StepTiming) else None
         measurements.append(
             {
                 "micro_batch_size": b,
                 "peak_bytes": result.peak_bytes if result.outcome is Outcome.FIT else None,
-                "samples_per_s": b / t.step_s if t else None,
-                "tokens_per_s": b / t.step_s * tokens if t and tokens else None,
+                "samples_per_s": b / step_s if step_s else None,
+                "tokens_per_s": b / step_s * m.tokens if step_s and m.tokens else None,
             }
         )
     info = session.backend.info()
     return {
         "command": "check-baseline",
-        "model": spec.model.source,
+        "model": session.spec.model.source,
         "device": info.device,
         "device_name": info.name,
         "torch_version": info.torch_version,
         "budget_bytes": session.backend.budget_bytes,
-        "max_batch_size": fm.max_batch_size,
+        "max_batch_size": max_batch,
         "measurements": measurements,
     }

@@ -26,7 +26,8 @@ def target(spec: Spec) -> tuple[str, int, Allowance]:
     if e.gpu is not None:
         gpu = lookup(e.gpu)
         assert gpu is not None  # checked when the spec was loaded
-        return gpu.name, e.capacity or gpu.capacity_bytes, backend_class("cuda").allowance(e)
+        allowance = backend_class("cuda").allowance(e, gpu.major)
+        return gpu.name, e.capacity or gpu.capacity_bytes, allowance
     if e.capacity is not None:
         what = f"a GPU with {format_bytes(e.capacity)}"
         return what, int(e.capacity), backend_class("cuda").allowance(e)

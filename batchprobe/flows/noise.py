@@ -29,9 +29,8 @@ def data_batches(session: Session, batch_size: int) -> Iterator[Batch]:
     base = Path(session.spec.origin).parent if session.spec.origin else None
     source = import_object(data.source, "data.source", base)
     collate = import_object(data.collate, "data.collate", base) if data.collate else None
-    return batches(
-        source, batch_size, session.backend.device, data.kwargs, session.workload.adapt, collate
-    )
+    device = session.device  # with isolated probes, the model comes to this process now
+    return batches(source, batch_size, device.device, data.kwargs, session.workload.adapt, collate)
 
 
 def run(session: Session, progress: Progress | None = None) -> NoiseRun:
@@ -49,4 +48,4 @@ def run(session: Session, progress: Progress | None = None) -> NoiseRun:
         n.warmup_steps,
         progress.noise_step,
     )
-    return NoiseRun(stats, time.perf_counter() - started, session.backend.info())
+    return NoiseRun(stats, time.perf_counter() - started, session.device.info())

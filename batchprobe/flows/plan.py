@@ -1,10 +1,12 @@
 """plan: find-max, the headroom size, timed candidates, and the plan that follows from them.
 
-1. the gradient noise scale first, when the spec has real data (at the initial weights: probes
-   and timing then train on random inputs);
+1. the gradient noise scale, when the spec has real data, at the model's initial weights: first,
+   since in-process probes train the model on random inputs (with isolated probes, after them:
+   the children's training never touches this process's model);
 2. find-max;
 3. the headroom size: the same exact search against headroom x limit, reusing measured peaks;
-4. a probe (peak) and timed steps per candidate micro-batch;
+4. a probe (peak) per candidate micro-batch, then — every probe done, so that with isolated probes
+   no child shares the device with this process's model — FLOPs and timed steps;
 5. pure planning math (`planning.make_plan`): accumulation, LR, wall-clock, recommendation.
 """
 
@@ -17,8 +19,7 @@ from batchprobe.errors import ModelError, Problem, SpecError
 from batchprobe.flows import noise as noise_flow
 from batchprobe.flows.progress import Progress
 from batchprobe.planning import Measurement, PlanSettings, make_plan, resolve_lr_rule
-from batchprobe.probe import classify
-from batchprobe.results import PlanRun, StepTiming
+from batchprobe.results import Failure, PlanRun, StepTiming
 from batchprobe.search import Outcome
 from batchprobe.session import Session
 from batchprobe.timing import flops_per_sample
@@ -29,8 +30,9 @@ NOISE_WARNING_RATIO = 4  # a global batch this many times B_noise needs 5x the m
 def run(session: Session, progress: Progress | None = None) -> PlanRun:
     progress = progress or Progress()
     _check_inputs(session)
+    wants_noise = session.spec.data is not None and not session.ranks.distributed
     noise = None
-    if session.spec.data is not None and not session.ranks.distributed:
+    if wants_noise and not session.isolated:
         progress.phase("noise-scale")
         noise = noise_flow.run(session)
     progress.phase("find-max")
@@ -47,6 +49,9 @@ def run(session: Session, progress: Progress | None = None) -> PlanRun:
         return run
     try:
         _measure(session, run, progress)
+        if wants_noise and run.noise is None:
+            progress.phase("noise-scale")
+            run.noise = noise_flow.run(session)
     except KeyboardInterrupt:
         run.interrupted = True
     run.plan = make_plan(_measurements(run), settings(session, run))
@@ -77,12 +82,8 @@ def _measure(session: Session, run: PlanRun, progress: Progress) -> None:
     progress.phase("headroom")
     run.headroom_batch_size = _headroom_size(session, run, progress)
     sizes = candidates(session, fm.max_batch_size, run.headroom_batch_size)
-    if session.spec.plan.peak_tflops is not None or _peak_flops(session) is not None:
-        progress.phase("flops")
-        run.flops_fixed, run.flops_per_sample = flops_per_sample(session.step)
-    progress.phase("timing")
-    for i, b in enumerate(sizes, 1):
-        progress.candidate(b, i, len(sizes))
+    fitting = []
+    for b in sizes:
         if b not in run.peaks:
             probe = session.probe(b)
             if probe.outcome is not Outcome.FIT:
@@ -91,6 +92,13 @@ def _measure(session: Session, run: PlanRun, progress: Progress) -> None:
                 )
                 continue
             run.peaks[b] = probe
+        fitting.append(b)
+    if session.spec.plan.peak_tflops is not None or _peak_flops(session) is not None:
+        progress.phase("flops")
+        run.flops_fixed, run.flops_per_sample, run.flops_conv_share = flops_per_sample(session.step)
+    progress.phase("timing")
+    for i, b in enumerate(fitting, 1):
+        progress.candidate(b, i, len(fitting))
         timing = _time(session, run, b)
         if timing is None:
             continue
@@ -99,16 +107,14 @@ def _measure(session: Session, run: PlanRun, progress: Progress) -> None:
 
 
 def _time(session: Session, run: PlanRun, b: int) -> StepTiming | None:
-    failure = None
-    try:
-        return session.time(b)
-    except Exception as exc:
-        failure = classify(exc)
-    if failure.outcome is Outcome.ERROR:
-        raise ModelError(f"timing micro-batch {b} failed: {failure.message}")
+    timing = session.time(b)
+    if not isinstance(timing, Failure):
+        return timing
+    if timing.outcome is Outcome.ERROR:
+        raise ModelError(f"timing micro-batch {b} failed: {timing.message}")
     run.warnings.append(
-        f"micro-batch {b} fit when probed but hit {failure.outcome} while timed "
-        f"({failure.message}); skipped"
+        f"micro-batch {b} fit when probed but hit {timing.outcome} while timed "
+        f"({timing.message}); skipped"
     )
     return None
 
@@ -153,10 +159,17 @@ def candidates(session: Session, max_batch: int, headroom_batch: int | None) -> 
     return sorted(sizes)
 
 
-def _peak_flops(session: Session) -> float | None:
+def _peak_flops(session: Session, conv_share: float = 0.0) -> float | None:
+    """The peak of the math that runs: in float32, convolutions and matmuls may run at different
+    peaks (TF32 or not), so the peak is the one that takes the counted FLOPs' time."""
     if session.spec.plan.peak_tflops is not None:
         return session.spec.plan.peak_tflops * 1e12
-    return session.backend.peak_flops(session.spec.train.precision)
+    precision = session.spec.train.precision
+    matmul = session.backend.peak_flops(precision, "matmul")
+    conv = session.backend.peak_flops(precision, "conv")
+    if matmul is None or conv is None:
+        return None
+    return 1.0 / (conv_share / conv + (1.0 - conv_share) / matmul)
 
 
 def _measurements(run: PlanRun) -> list[Measurement]:
@@ -230,7 +243,7 @@ def settings(session: Session, run: PlanRun) -> PlanSettings:
         optimizer=spec.train.optimizer.name,
         total_samples=total,
         epoch_samples=plan.dataset_size,
-        peak_flops=_peak_flops(session),
+        peak_flops=_peak_flops(session, run.flops_conv_share),
         has_batchnorm=session.workload.has_batchnorm,
         target_note=note,
     )

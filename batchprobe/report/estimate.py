@@ -44,7 +44,7 @@ def estimate_table(run: EstimateRun) -> Table:
             num(b.other / div),
             num(p.peak_bytes / div),
             num(p.device_bytes / div),
-            f"{100 * (p.device_bytes + result.allowance.context_bytes) / result.capacity_bytes:.0f}%",
+            f"{100 * (p.device_bytes + result.capacity_bytes - result.usable_bytes) / result.capacity_bytes:.0f}%",
             style=style,
         )
     table.caption = (

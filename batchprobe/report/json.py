@@ -107,6 +107,7 @@ def plan_json(run: PlanRun, source: str) -> dict[str, Any]:
         "headroom": settings.headroom if settings else None,
         "headroom_batch_size": run.headroom_batch_size,
         "lr_scaling": settings.lr_rule if settings else None,
+        "peak_flops": settings.peak_flops if settings else None,
         "rows": rows,
         "recommended": recommended,
         "recommendation_reason": plan.reason if plan else None,
@@ -138,8 +139,10 @@ def estimate_json(run: EstimateRun, source: str) -> dict[str, Any]:
         "allowance": {
             "fragmentation": a.fragmentation,
             "context_bytes": a.context_bytes,
+            "workspace_bytes": a.workspace_bytes,
             "round_to_bytes": a.round_to,
             "flash_attention": a.flash_attention,
+            "optimizer": "foreach" if a.foreach else "single-tensor",
         },
     }
     if result is not None:
