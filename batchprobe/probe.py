@@ -246,10 +246,15 @@ class ProbeProgress(Protocol):
     def probe_done(self, result: ProbeResult) -> None: ...
 
 
+#: memory a probe may leave behind before it counts: libraries keep a few small blocks of their
+#: own (collective bookkeeping, cached descriptors); each probe's exact figure is in its result
+LEAK_BYTES = 1024**2
+
+
 class WatchedProber:
-    """Runs probes and watches what they leave: warns about memory still held, and switches to
-    isolated probes when a sticky device error (or memory held after a failure) means this
-    process can no longer be trusted. Once switched, it stays switched."""
+    """Runs probes and watches what they leave: warns about memory still held (from LEAK_BYTES),
+    and switches to isolated probes when a sticky device error (or memory held after a failure)
+    means this process can no longer be trusted. Once switched, it stays switched."""
 
     def __init__(self, run: Prober, isolate: Callable[[], Prober] | None) -> None:
         self.run = run
@@ -267,7 +272,7 @@ class WatchedProber:
             self.steady = result.retained_bytes
         extra = result.retained_bytes - (self.steady or 0)
         sticky = failure is not None and failure.sticky
-        leaked = extra > 0 and failure is not None
+        leaked = extra >= LEAK_BYTES and failure is not None
         if (sticky or leaked) and self.isolate is not None and not result.isolated:
             assert failure is not None
             why = (
@@ -280,7 +285,7 @@ class WatchedProber:
             if sticky:  # this process can no longer tell: ask a fresh one
                 self.poisoned = True
                 result = self.run(b)
-        elif extra > 0:
+        elif extra >= LEAK_BYTES:
             self.warnings.append(
                 f"probe at batch {b} left {extra} bytes allocated after recovery; later probes "
                 "may see less memory (try --isolate)"

@@ -191,15 +191,11 @@ class Dist:
     def wrap(self, backend: Backend) -> Callable[[nn.Module], nn.Module] | None:
         """DDP is built afresh for every probe (its reducer does not survive an exception in
         backward, and its buckets belong in the probe's peak); FSDP shards once, in place."""
-        return _ddp(self.data, backend) if self.parallel == "ddp" else None
+        return _ddp(lambda: self.data, backend) if self.parallel == "ddp" else None
 
     def shard(self, model: nn.Module) -> None:
         if self.parallel == "fsdp":
             _fsdp_shard(model, self.data, self.device_type)
-
-    def reset(self, model: nn.Module) -> None:
-        if self.parallel == "fsdp":
-            _fsdp_reset(model)
 
     # -- agreement ------------------------------------------------------------------------
     def agree(self, result: ProbeResult, synced: bool = True) -> ProbeResult:
@@ -233,6 +229,11 @@ class Dist:
         )
         if outcome is not Outcome.FIT and synced:
             self.renew_data_group()
+            # A failed step's collectives may still be in flight when the probe measures what it
+            # left (their buffers); they go with the data group destroyed here. (On the simulated
+            # GPU, allocated memory after a search of failed FSDP steps is what it was after the
+            # warm-up.)
+            agreed = replace(agreed, retained_bytes=0)
         return agreed
 
     def agree_failure(self, failure: Failure) -> Failure:
@@ -284,13 +285,11 @@ class Dist:
             dry = self.agree(dry, synced=False)  # no collective ran: the group is clean
             if dry.outcome is not Outcome.FIT:
                 return dry
-        result = run_probe(step, backend, batch_size, steps)
-        if result.outcome is not Outcome.FIT:
-            self.reset(step.model)
-        return self.agree(result)
+        return self.agree(run_probe(step, backend, batch_size, steps))
 
 
-def _ddp(group: Any, backend: Backend) -> Callable[[nn.Module], nn.Module]:
+def _ddp(group: Callable[[], Any], backend: Backend) -> Callable[[nn.Module], nn.Module]:
+    """A DDP wrapper on the data group of the moment (it is replaced after a failure)."""
     from torch.nn.parallel import DistributedDataParallel
 
     # No buffer broadcast at each forward: it would be the one collective left in the no_sync
@@ -305,7 +304,7 @@ def _ddp(group: Any, backend: Backend) -> Callable[[nn.Module], nn.Module]:
 
     def wrap(module: nn.Module) -> nn.Module:
         return DistributedDataParallel(
-            module, device_ids=backend.ddp_device_ids(), process_group=group, **no_buffer_sync
+            module, device_ids=backend.ddp_device_ids(), process_group=group(), **no_buffer_sync
         )
 
     return wrap
@@ -325,19 +324,6 @@ def _fsdp_shard(model: nn.Module, group: Any, device_type: str) -> None:
     for unit in sorted(units, key=lambda m: -depth[id(m)]):  # deepest first
         fully_shard(unit, mesh=mesh)
     fully_shard(model, mesh=mesh)
-
-
-def _fsdp_reset(model: nn.Module) -> None:
-    """After a failed step: FSDP's per-iteration state (unsharded parameters, training state)
-    back to rest, so that the next probe starts clean."""
-    reset = getattr(model, "reset_iter_state", None)  # torch >= 2.13, on the root
-    if reset is not None:
-        reset()
-        return
-    for m in model.modules():
-        reshard = getattr(m, "reshard", None)
-        if reshard is not None:
-            reshard()
 
 
 def _depths(model: nn.Module) -> list[tuple[int, nn.Module]]:

@@ -280,6 +280,7 @@ def open_session(spec: Spec) -> Session:
         lambda b: ranks.probe(step, backend, b, spec.probe.steps),
         None if ranks.distributed else isolated,
     )
+    prober.warnings.extend(ranks.notes)  # said with the first search's results
     return Session(spec, backend, workload, ranks, prober, _step=step)
 
 

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from batchprobe.sources import Batch, Workload
 from batchprobe.spec import OPTIMIZER_CLASSES, TrainSpec
@@ -60,6 +61,7 @@ class TrainStep:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler: torch.amp.GradScaler | None = None
         self.observer: StepObserver | None = None
+        self._in_step = False  # a forward began and its optimizer step has not ended
         self.autocast_dtype = _AUTOCAST.get(train.precision)
 
     def replace_model(self, model: nn.Module) -> None:
@@ -102,7 +104,11 @@ class TrainStep:
             self._compiled = torch.compile(self.runner)
 
     def end(self) -> None:
-        """Drop optimizer state, gradients and the DDP wrapper (what a probe created)."""
+        """Drop optimizer state, gradients and the DDP wrapper (what a probe created); after an
+        iteration cut short, put a sharded model's per-iteration state back to rest."""
+        if self._in_step:
+            _reset_sharded(self.model)
+            self._in_step = False
         self.optimizer = None
         self.scaler = None
         self._compiled = None
@@ -140,7 +146,12 @@ class TrainStep:
 
     def forward_backward(self, batch: Batch, loss_divisor: int = 1) -> None:
         """Forward, loss, backward. Divide the loss by `loss_divisor` under accumulation."""
-        model = self._compiled if self._compiled is not None else self.runner
+        self._in_step = True
+        # Under a Python dispatch mode (the CPU's storage ledger) dynamo does not compile; calling
+        # the compiled model there makes torch 2.6 skip its code for good, so run the eager one.
+        model: Callable[..., Any] = self.runner
+        if self._compiled is not None and _get_current_dispatch_mode() is None:
+            model = self._compiled
         with self._phase("forward"):
             ctx = (
                 torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -179,10 +190,25 @@ class TrainStep:
         else:
             for p in self.parameters():
                 p.grad = None
+        self._in_step = False
 
     def train_step(self, batch: Batch) -> None:
         self.forward_backward(batch)
         self.optimizer_step()
+
+
+def _reset_sharded(model: nn.Module) -> None:
+    """FSDP2 after an exception mid-iteration: its unsharded parameters and training state back
+    to rest — `reset_iter_state()` on the root (torch >= 2.13), else `reshard()` on every unit —
+    so that the next probe starts clean and nothing of the failed one stays allocated."""
+    reset = getattr(model, "reset_iter_state", None)
+    if reset is not None:
+        reset()
+        return
+    for m in model.modules():
+        reshard = getattr(m, "reshard", None)
+        if reshard is not None:
+            reshard()
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ def test_the_families_users_know_are_shipped() -> None:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_opens_with_its_command_and_builds(path: Path) -> None:
+    if path.stem == "bert-base" and int(version("transformers").split(".")[0]) < 5:
+        pytest.skip("transformers < 5's BERT reads a mask's value in forward: not traceable")
     first = path.read_text().splitlines()[0]
     assert first.startswith("# batchprobe ") and f"--config configs/{path.name}" in first
     spec = load_spec(path)

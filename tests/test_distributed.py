@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import cpu_fsdp
 
 pytestmark = pytest.mark.slow  # each test here takes seconds
 
@@ -130,6 +131,7 @@ def test_plan_under_torchrun_uses_the_world_size_and_measured_multi_rank_steps()
     assert not any("is not in the figures" in w for w in data["warnings"])
 
 
+@cpu_fsdp
 def test_fsdp_sharding_shows_in_the_per_rank_peak() -> None:
     peaks = {}
     for parallel in ("ddp", "fsdp"):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from batchprobe.estimate import Allowance, Tracer
 from batchprobe.flows.estimate import run as run_estimate
 from batchprobe.gpus import lookup, match_device_name
 from batchprobe.probe import run_probe
+from batchprobe.sources import build_workload
 from batchprobe.spec import load_spec
 
 from helpers import budget_for, session
@@ -48,6 +50,8 @@ MODELS = {
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_traced_peak_matches_the_measured_cpu_peak(name: str) -> None:
+    if name == "transformers-bert" and int(version("transformers").split(".")[0]) < 5:
+        pytest.skip("transformers < 5's BERT reads a mask's value in forward: not traceable")
     source, sections, batch = MODELS[name]
     s = session(source, budget="8GiB", **sections)
     measured = run_probe(s.step, s.backend, batch)
@@ -154,7 +158,7 @@ def test_estimate_cli_gpt2_small_on_h100(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["command"] == "estimate"
-    assert data["capacity_bytes"] == 81559 * 1024**2
+    assert data["capacity_bytes"] == 81089 * 1024**2  # what torch reports (nvidia-smi: 81,559 MiB)
     assert data["max_batch_size"] > 1 and data["exact"]
     for point in data["points"]:
         assert set(point["breakdown"]) == {
@@ -165,8 +169,14 @@ def test_estimate_cli_gpt2_small_on_h100(tmp_path: Path) -> None:
             "other",
         }
         assert sum(point["breakdown"].values()) == point["peak_bytes"]
-    # parameters of GPT-2 small: 124M fp32
-    assert data["points"][0]["breakdown"]["parameters"] == pytest.approx(124.4e6 * 4, rel=0.01)
+    # parameters of GPT-2 small: 124M fp32 (and the buffers some transformers versions add: a
+    # 1024 x 1024 causal mask per layer)
+    spec = load_spec(ROOT / "configs" / "gpt2-small.yaml")
+    model = build_workload(spec, "meta").model
+    params = sum(p.numel() * 4 for p in {id(p): p for p in model.parameters()}.values())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert params == pytest.approx(124.4e6 * 4, rel=0.01)
+    assert data["points"][0]["breakdown"]["parameters"] == pytest.approx(params + buffers, rel=0.01)
     assert "CUDA context" in result.stderr
 
 

@@ -6,9 +6,12 @@ then `AutoModelFor<task>.from_config`. The model computes its own loss from `lab
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 from batchprobe.errors import Problem, SpecError
 from batchprobe.sources.base import BuiltModel, InputDefaults, Source, require
@@ -57,12 +60,28 @@ def _default_task(config: Any) -> Task:
     return "masked-lm" if config.model_type in _ENCODER_ONLY else "causal-lm"
 
 
+def _auto_class(transformers: Any, task: Task, config: Any) -> Any:
+    """The AutoModelFor<task> class, with the model's own module imported — on the CPU: models
+    are built under a device context (meta for traces), and some transformers versions compute
+    with tensors when a module is first imported (`.item()` cannot run on meta; a lazy import
+    that failed once stays failed)."""
+    with torch.device("cpu"):
+        auto = getattr(transformers, _AUTO_CLASSES[task])
+        mapping = getattr(auto, "_model_mapping", None)
+        if mapping is not None:
+            with contextlib.suppress(Exception):  # a model type without one: from_config says
+                mapping[type(config)]
+    return auto
+
+
 def build(ref: str, kwargs: Mapping[str, Any], spec: Spec) -> BuiltModel:
     transformers = require("transformers", "transformers", f"model source transformers:{ref}")
-    config = _config(ref, kwargs)
+    with torch.device("cpu"):  # see _auto_class
+        config = _config(ref, kwargs)
     task = spec.model.task or _default_task(config)
+    auto = _auto_class(transformers, task, config)
     try:
-        module = getattr(transformers, _AUTO_CLASSES[task]).from_config(config)
+        module = auto.from_config(config)
     except ValueError as exc:
         raise SpecError(
             [Problem("model.task", f"transformers:{ref} has no {task} model: {str(exc)[:300]}")]

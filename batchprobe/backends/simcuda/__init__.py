@@ -42,6 +42,11 @@ def current() -> SimulatedCuda:
     return _current
 
 
+def active() -> bool:
+    """Whether this process has a simulated GPU now."""
+    return _current is not None
+
+
 def _reset() -> None:
     global _current
     if _current is not None:

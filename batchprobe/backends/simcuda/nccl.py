@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import weakref
 from datetime import timedelta
 from typing import Any
 
@@ -27,6 +28,17 @@ from batchprobe.backends.simcuda.allocator import format_size
 NAME = "batchprobe_simnccl"
 _DEFAULT_ERROR_HANDLING = 3  # SkipCleanUp: torch 2.4-2.14's default
 _registered = False
+
+
+def _release(held: dict[str, int]) -> None:
+    if not held["bytes"]:
+        return
+    from batchprobe.backends import simcuda
+
+    if simcuda.active():
+        device = simcuda.current()
+        device.devices[device.current].give_outside("nccl buffers", held["bytes"])
+    held["bytes"] = 0
 
 
 def register() -> None:
@@ -46,7 +58,10 @@ class SimNccl(dist.ProcessGroup):
         self.inner = dist.ProcessGroupGloo(store, rank, size, timeout)
         self.timeout = timeout
         self.mode = int(os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", _DEFAULT_ERROR_HANDLING))
-        self.buffers = 0
+        # the communicator's buffers, given back at shutdown — which torch < 2.14 calls on real
+        # NCCL groups only — or when the group is gone
+        self.held = {"bytes": 0}
+        weakref.finalize(self, _release, self.held)
         self.aborted = False
         self.seq = 0
         self._name = ""
@@ -70,12 +85,7 @@ class SimNccl(dist.ProcessGroup):
 
     def shutdown(self) -> None:
         """Destroying the group frees its communicator's buffers."""
-        if self.buffers:
-            from batchprobe.backends import simcuda
-
-            device = simcuda.current()
-            device.devices[device.current].give_outside("nccl buffers", self.buffers)
-            self.buffers = 0
+        _release(self.held)
 
     # -- collectives ------------------------------------------------------------------------
     def _run(self, name: str, *args: Any) -> Any:
@@ -88,7 +98,7 @@ class SimNccl(dist.ProcessGroup):
         return work
 
     def _ensure_communicator(self) -> None:
-        if self.buffers:
+        if self.held["bytes"]:
             return
         from batchprobe.backends import simcuda
 
@@ -101,7 +111,7 @@ class SimNccl(dist.ProcessGroup):
             f"Last error:\nCuda failure 'out of memory' (allocating {format_size(need)})"
         )
         device.devices[device.current].take_outside("nccl buffers", need, error)
-        self.buffers = need
+        self.held["bytes"] = need
 
     def _watchdog(self, fut: torch.futures.Future[Any], seq: int, op: str) -> Any:
         try:
