@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from batchprobe.errors import ModelError
-from batchprobe.memory import StorageLedger, TrackingMode
+from batchprobe.memory import OutOfTime, StorageLedger, TrackingMode
 from batchprobe.results import Allowance, EstimatePoint, EstimateResult, TraceFailure
-from batchprobe.search import Observation, Outcome, search
+from batchprobe.search import Line, Observation, Outcome, Prior, search
 from batchprobe.sources import build_workload, quiet_warnings
 from batchprobe.spec import Spec
 from batchprobe.step import TrainStep
@@ -106,14 +106,16 @@ class Tracer:
         )
         self._points: dict[int, EstimatePoint] = {}
 
-    def trace(self, batch_size: int) -> EstimatePoint:
-        """Peak of `steps` traced training steps at `batch_size` (each size traced once)."""
+    def trace(self, batch_size: int, deadline: float | None = None) -> EstimatePoint:
+        """Peak of `steps` traced training steps at `batch_size` (each size traced once). Past
+        `deadline` (time.perf_counter), raises OutOfTime."""
         if batch_size not in self._points:
-            self._points[batch_size] = self._trace(batch_size)
+            self._points[batch_size] = self._trace(batch_size, deadline)
         return self._points[batch_size]
 
-    def _trace(self, batch_size: int) -> EstimatePoint:
-        ledger = StorageLedger(round_to=self.allowance.round_to, keep_breakdown=True)
+    def _trace(self, batch_size: int, deadline: float | None) -> EstimatePoint:
+        started = time.perf_counter()
+        ledger = StorageLedger(round_to=self.allowance.round_to, keep_breakdown=True, by_op={})
         attention = (
             _fused_attention() if self.allowance.flash_attention else contextlib.nullcontext()
         )
@@ -121,12 +123,14 @@ class Tracer:
             with self.mode, quiet_warnings(), attention:
                 ledger.mark(self.step.persistent_tensors(), "parameters")
                 self.step.observer = ledger
-                with TrackingMode(ledger):
+                with TrackingMode(ledger, deadline):
                     self.step.begin()
                     batch = self.step.make_batch(batch_size)
                     for _ in range(self.steps):
                         self.step.train_step(batch)
                     del batch
+        except OutOfTime:
+            raise
         except Exception as exc:
             raise _trace_error(exc) from None
         finally:
@@ -138,9 +142,54 @@ class Tracer:
             self.allowance.device_bytes(ledger.peak_bytes),
             ledger.breakdown(),
             dict(ledger.phase_peaks),
+            dict(ledger.by_op or {}),
+            time.perf_counter() - started,
         )
         ledger.close()
         return point
+
+    #: traces a prior may take, and how close to where its line meets the limit the last one
+    #: must be to stop before that
+    PRIOR_TRACES = 5
+    PRIOR_CLOSE = 0.01
+
+    def prior(self, limit_bytes: int, extra_bytes: int = 0, deadline: float | None = None) -> Prior:
+        """The trace as a line over batch sizes, in the bytes a probe on the target measures
+        (with the allowance, its workspaces and `extra_bytes` — DDP's buckets — as fixed
+        memory), from as few traces as the line needs: batch 1, the size that surely fits under
+        `limit_bytes` if memory grows at most linearly (1 x (limit / traced - 1)), and only
+        when the line meets the limit far beyond that, secant steps toward where it does (memory
+        is not quite a line over a wide range) until a trace lands within 1% of it. Raises
+        OutOfTime past
+        `deadline`, TraceError when the model cannot be traced."""
+        a = self.allowance
+        fixed = a.workspace_bytes + extra_bytes
+
+        def measured(p: EstimatePoint) -> int:
+            return a.device_bytes(p.line_bytes) + fixed
+
+        def flat(p: EstimatePoint) -> int:
+            return a.device_bytes(p.phase_peaks.get("optimizer", 0)) + fixed
+
+        first = self.trace(1, deadline)
+        sizes = [1]
+        nxt = max(2, int(limit_bytes / max(measured(first), 1)) - 1)
+        line = Line(float(measured(first)), 0.0)
+        while len(sizes) < self.PRIOR_TRACES and nxt not in sizes:
+            sizes.append(nxt)
+            (b1, b2) = sizes[-2:]  # a secant step: the last two traced sizes
+            p1, p2 = measured(self.trace(b1, deadline)), measured(self.trace(b2, deadline))
+            line = Line(p2 - (p2 - p1) / (b2 - b1) * b2, (p2 - p1) / (b2 - b1))
+            crossing = line.crossing(limit_bytes)
+            if crossing is None or (len(sizes) == 2 and crossing <= 4 * b2):
+                break  # the line meets the limit near the sizes traced: a line is enough there
+            if abs(crossing - b2) <= self.PRIOR_CLOSE * crossing:
+                break
+            nxt = max(2, min(crossing, 2**20))
+        points = tuple((b, measured(self.trace(b))) for b in sizes)
+        last = self.trace(sizes[-1])
+        slope = max((flat(last) - flat(first)) / (sizes[-1] - 1), 0.0)
+        return Prior(line, Line(flat(first) - slope, slope), points)
 
 
 def materialize(model: torch.nn.Module, device: torch.device) -> None:
@@ -216,7 +265,13 @@ def estimate(
         if p.device_bytes > usable:
             return Observation(Outcome.OOM)
         line = max((p.phase_peaks.get(k, 0) for k in ("forward", "backward")), default=0)
-        return Observation(Outcome.FIT, p.device_bytes, allowance.device_bytes(line) or None)
+        flat = allowance.device_bytes(p.phase_peaks.get("optimizer", 0))
+        return Observation(
+            Outcome.FIT,
+            p.device_bytes,
+            allowance.device_bytes(line) or None,
+            flat_bytes=flat or None,
+        )
 
     result = search(
         fits,

@@ -11,6 +11,7 @@ The same ledger runs under FakeTensorMode for `estimate`: no compute, no memory,
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -62,6 +63,11 @@ class StorageLedger:
     _live: dict[int, _Record] = field(default_factory=dict)
     _peak_pending: bool = False
     _peak_records: list[_Record] = field(default_factory=list)
+    #: the first op that failed (ran out of memory or over the budget): its name, the bytes
+    #: live before it, and what it asked for when the ledger saw it (the budget's check)
+    failed: tuple[str, int, int | None] | None = None
+    #: bytes each op's outputs took, summed over the region (when asked for)
+    by_op: dict[str, int] | None = None
 
     # -- recording ------------------------------------------------------------------------
     def see(self, t: torch.Tensor, tag: str | None = None, enforce: bool = True) -> None:
@@ -140,12 +146,18 @@ class StorageLedger:
         self._live.clear()
 
 
-class TrackingMode(TorchDispatchMode):
-    """Feeds every op's output tensors to a ledger (forward, backward and optimizer alike)."""
+class OutOfTime(Exception):
+    """A tracked region ran past its deadline (a trace that costs more than it saves)."""
 
-    def __init__(self, ledger: StorageLedger) -> None:
+
+class TrackingMode(TorchDispatchMode):
+    """Feeds every op's output tensors to a ledger (forward, backward and optimizer alike).
+    With a `deadline` (time.perf_counter), the first op after it raises OutOfTime."""
+
+    def __init__(self, ledger: StorageLedger, deadline: float | None = None) -> None:
         super().__init__()
         self.ledger = ledger
+        self.deadline = deadline
 
     def __torch_dispatch__(
         self,
@@ -154,9 +166,27 @@ class TrackingMode(TorchDispatchMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        out = func(*args, **(kwargs or {}))
-        see = self.ledger.see
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                see(t)
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            raise OutOfTime
+        ledger = self.ledger
+        before = ledger.live_bytes
+        try:
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    ledger.see(t)
+        except Exception:
+            if ledger.failed is None:
+                request = ledger.live_bytes - before if ledger.live_bytes > before else None
+                ledger.failed = (_op_name(func), before, request)
+            raise
+        if ledger.by_op is not None and ledger.live_bytes > before:
+            name = _op_name(func)
+            ledger.by_op[name] = ledger.by_op.get(name, 0) + ledger.live_bytes - before
         return out
+
+
+def _op_name(func: Any) -> str:
+    """aten.mkldnn_rnn_layer.default -> mkldnn_rnn_layer"""
+    name = str(getattr(func, "__name__", func))
+    return name.split(".")[0] if name.count(".") else name

@@ -10,6 +10,7 @@ message and formatted traceback are kept, never the exception (its frames pin ac
 from __future__ import annotations
 
 import gc
+import re
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -117,6 +118,38 @@ def classify(exc: BaseException) -> Failure:
     return Failure(Outcome.ERROR, "error", name, message, _format(exc))
 
 
+_SIZE = r"(\d+(?:\.\d+)?)\s*(bytes|[KMGTP]i?B|B)\b"
+_REQUEST_RE = re.compile(r"tried to allocate (?:more than )?" + _SIZE, re.IGNORECASE)
+_ALLOCATED_RE = re.compile(_SIZE + r" is allocated by PyTorch", re.IGNORECASE)
+_UNIT = {"bytes": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+         "pb": 1000**5, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+         "pib": 1024**5}  # fmt: skip
+
+
+def _size(match: re.Match[str] | None) -> int | None:
+    if match is None:
+        return None
+    return int(float(match.group(1)) * _UNIT[match.group(2).lower()])
+
+
+def failed_allocation(text: str, meter: Meter | None) -> tuple[int | None, int | None, str | None]:
+    """(live, need, op) of an out-of-memory failure: the bytes live when the allocation failed,
+    live plus the request, and the op that asked. The backend's own record comes first (the
+    CPU's ledger saw the op); else the allocator's message ("Tried to allocate 2.00 GiB ... Of
+    the allocated memory 75.50 GiB is allocated by PyTorch"; the host allocator's "you tried
+    to allocate N bytes")."""
+    recorded = meter.failed_allocation() if meter is not None else None
+    request = _size(_REQUEST_RE.search(text))
+    if recorded is not None:
+        op, live, seen = recorded
+        request = seen if seen is not None else request
+        return live, (live + request if request is not None else None), op
+    allocated = _size(_ALLOCATED_RE.search(text))
+    if allocated is None or request is None:
+        return allocated, None, None
+    return allocated, allocated + request, None
+
+
 def _format(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
@@ -160,6 +193,7 @@ def run_probe(
     failure = _quietly(lambda: clean(backend, collect=False))
     meter = None
     retained = 0
+    text = ""  # the failure's messages, for what its allocator said
     if failure is None:
         try:
             with backend.track(step.persistent_tensors()) as meter:
@@ -168,6 +202,7 @@ def run_probe(
                 backend.synchronize()
         except Exception as exc:
             failure = classify(exc)
+            text = " ".join(str(e) for e in _chain(exc))
         finally:
             # Recovery runs here, outside the except block: `exc` and its frames are gone.
             step.observer = None
@@ -182,6 +217,13 @@ def run_probe(
                 meter.close()
     seconds = time.perf_counter() - started
     figures = meter.figures if meter is not None else MemoryFigures()
+    live = need = op = None
+    if failure is not None and failure.outcome is Outcome.OOM:
+        live, need, op = failed_allocation(text, meter)
+        if failure.kind == "host":
+            # the host's limit (an rlimit, the RAM) counts what the process maps, not tensor
+            # bytes: the bytes live when it failed, and the request, are no bound on tensor bytes
+            live = need = None
     if failure is None and is_thrashing(figures.step_retries):
         failure = Failure(
             Outcome.OOM,
@@ -200,6 +242,11 @@ def run_probe(
         alloc_retries=figures.alloc_retries,
         failure=failure,
         line_bytes=figures.line_bytes,
+        flat_bytes=figures.flat_bytes,
+        live_bytes=live,
+        need_bytes=need,
+        failed_op=op,
+        op_bytes=figures.op_bytes,
     )
 
 
@@ -228,14 +275,16 @@ def _retained(backend: Backend, meter: Meter) -> tuple[int, Failure | None]:
 Prober = Callable[[int], ProbeResult]
 
 
-def warm_up(run: Prober, backend: Backend) -> None:
-    """One step at batch 1 before any probe, its outcome ignored: what a process creates once
-    and keeps — cuBLAS handles and their workspaces (one per thread: forward and autograd),
-    cuDNN handles, lazily loaded kernels, FSDP's buffers, the NCCL communicator — then belongs
-    to the baseline every probe measures against, not to the first probe's peak or "retained"
-    memory. Batch 1: the smallest step that runs all of it. Free memory is read again after."""
-    run(1)
+def warm_up(run: Prober, backend: Backend) -> ProbeResult:
+    """Full steps at batch 1 before any probe: what a process creates once and keeps — cuBLAS
+    handles and their workspaces (one per thread: forward and autograd), cuDNN handles, lazily
+    loaded kernels, FSDP's buffers, the NCCL communicator — then belongs to the baseline every
+    probe measures against, not to the first probe's peak or "retained" memory. Batch 1: the
+    smallest step that runs all of it. Free memory is read again after. The result is a
+    measured batch 1 (a search learns from it, and need not probe 1 again)."""
+    result = run(1)
     backend.settle()
+    return result
 
 
 class ProbeProgress(Protocol):

@@ -208,6 +208,8 @@ class Dist:
             result.peak_bytes or 0,
             result.line_bytes or 0,
             result.reserved_bytes or 0,
+            (result.live_bytes, result.need_bytes, result.failed_op),
+            result.flat_bytes or 0,
         )
         everyone: list[Any] = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=self.control)
@@ -225,7 +227,12 @@ class Dist:
             failure=failure,
             peak_bytes=max(e[2] for e in everyone) or None,
             line_bytes=max(e[3] for e in everyone) or None,
+            flat_bytes=max(e[6] for e in everyone) or None,
             reserved_bytes=max(e[4] for e in everyone) or None,
+            # what the failing rank's allocator said (its rank holds the smallest limit)
+            live_bytes=worst[5][0],
+            need_bytes=worst[5][1],
+            failed_op=worst[5][2],
         )
         if outcome is not Outcome.FIT and synced:
             self.renew_data_group()

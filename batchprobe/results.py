@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from batchprobe.planning import Plan
 from batchprobe.search import Observation, Outcome, SearchResult
+from batchprobe.units import format_bytes
 
 #: how a probe failed: the memory system that ran out, or why it was not memory
 FailureKind = Literal[
@@ -78,20 +79,37 @@ class ProbeResult:
     failure: Failure | None = None
     reused: bool = False  # answered from an earlier probe's measured peak, not run again
     line_bytes: int | None = None  # peak of forward/backward alone (grows with the batch)
+    flat_bytes: int | None = None  # peak of the optimizer step alone (nearly flat)
     isolated: bool = False  # ran in a child process
+    #: the failed allocation: bytes live when it failed (the limit is at least this), live plus
+    #: the request (memory at this size is at least this), and the op that asked, when known
+    live_bytes: int | None = None
+    need_bytes: int | None = None
+    failed_op: str | None = None
+    #: bytes each op's outputs took over the probe (the CPU's ledger sees ops; CUDA does not)
+    op_bytes: dict[str, int] | None = field(default=None, repr=False)
 
     def observation(self, limit_bytes: int | None = None) -> Observation:
         """What a search is told. Against `limit_bytes` (a limit below the one the probe ran
         under, e.g. plan's headroom), a completed probe whose peak is above it did not fit."""
         if self.outcome is not Outcome.FIT:
-            return Observation(self.outcome)
+            return Observation(self.outcome, live_bytes=self.live_bytes, need_bytes=self.need_bytes)
         if (
             limit_bytes is not None
             and self.peak_bytes is not None
             and self.peak_bytes > limit_bytes
         ):
-            return Observation(Outcome.OOM, self.peak_bytes, self.line_bytes)
-        return Observation(self.outcome, self.peak_bytes, self.line_bytes)
+            # it completed: its peak is exactly what this size needs
+            return Observation(
+                Outcome.OOM,
+                self.peak_bytes,
+                self.line_bytes,
+                need_bytes=self.peak_bytes,
+                flat_bytes=self.flat_bytes,
+            )
+        return Observation(
+            self.outcome, self.peak_bytes, self.line_bytes, flat_bytes=self.flat_bytes
+        )
 
     def to_dict(self) -> dict[str, object]:
         d: dict[str, object] = {
@@ -112,6 +130,10 @@ class ProbeResult:
             d["kind"] = self.failure.kind
             d["error_type"] = self.failure.error_type
             d["message"] = self.failure.message
+        if self.need_bytes is not None:
+            d["need_bytes"] = self.need_bytes
+        if self.failed_op is not None:
+            d["failed_op"] = self.failed_op
         if self.isolated:
             d["isolated"] = True
         return d
@@ -142,6 +164,63 @@ class DeviceInfo:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TraceCheck:
+    """The fake-tensor trace against the first real probe of a search: traced bytes at that
+    size, and what the probe measured — its peak, or, when it failed, what its failed
+    allocation proved it needed at least."""
+
+    batch_size: int
+    traced_bytes: int
+    measured_bytes: int
+    at_least: bool = False  # measured from a failed allocation: a lower bound
+    op: str | None = None  # the op that failed, or whose bytes differ most from the trace
+    corrected: bool = True  # a search went on from the measurement (not so for estimate's)
+
+    #: within this share, the trace agreed
+    AGREED = 0.02
+
+    @property
+    def ratio(self) -> float:
+        return self.measured_bytes / self.traced_bytes if self.traced_bytes else float("inf")
+
+    @property
+    def agreed(self) -> bool:
+        return not self.at_least and abs(self.ratio - 1) <= self.AGREED
+
+    def describe(self) -> str:
+        """ "trace agreed within 0.4% at batch 395", "trace under-counted by 3.6x at batch 491
+        (largest op: mkldnn_rnn_layer): corrected from measurements"."""
+        at = f"at batch {self.batch_size}"
+        if self.agreed:
+            return f"trace agreed within {abs(self.ratio - 1):.1%} {at}"
+        under = self.ratio > 1
+        if self.at_least and not under:  # failed below what the trace says: not the trace's fault
+            return (
+                f"batch {self.batch_size} failed with {format_bytes(self.measured_bytes)} live "
+                f"and requested, under the trace's {format_bytes(self.traced_bytes)}: the limit "
+                "is lower than the one told"
+            )
+        factor = self.ratio if under else 1 / self.ratio
+        size = f"{factor:.2f}x" if factor < 1.1 else f"{factor:.1f}x"
+        what = f"under-counted by {'at least ' if self.at_least else ''}{size}"
+        if not under:
+            what = f"over-counted by {size}"
+        op = f" ({'failed' if self.at_least else 'largest'} op: {self.op})" if self.op else ""
+        fix = ": corrected from measurements" if self.corrected else ""
+        return f"trace {what} {at}{op}{fix}"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "batch_size": self.batch_size,
+            "traced_bytes": self.traced_bytes,
+            "measured_bytes": self.measured_bytes,
+            "ratio": round(self.ratio, 4),
+            "measured": "at least (a failed allocation)" if self.at_least else "peak",
+            "op": self.op,
+        }
+
+
 @dataclass
 class FindMaxResult:
     search: SearchResult
@@ -155,6 +234,8 @@ class FindMaxResult:
     guess: int | None = None  # the estimate the search started from (strategy estimate)
     poisoned: bool = False  # an in-process probe hit a sticky device error
     world_size: int = 1  # ranks that probed together (torchrun)
+    trace_check: TraceCheck | None = None  # the trace against the first real probe
+    trace_seconds: float = 0.0  # of `seconds`, the time spent tracing (the prior)
 
     @property
     def max_batch_size(self) -> int | None:
@@ -297,6 +378,14 @@ class EstimatePoint:
     device_bytes: int  # with the allowance
     breakdown: Breakdown
     phase_peaks: dict[str, int] = field(default_factory=dict)
+    op_bytes: dict[str, int] = field(default_factory=dict)  # bytes each op's outputs took
+    seconds: float = 0.0  # how long the trace took
+
+    @property
+    def line_bytes(self) -> int:
+        """The traced peak of the phases that grow with the batch (forward, backward)."""
+        values = [self.phase_peaks.get(p, 0) for p in ("forward", "backward")]
+        return max(values) or self.peak_bytes
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -345,6 +434,9 @@ class EstimateRun:
     result: EstimateResult | None = None
     trace_error: TraceFailure | None = None
     fallback: FindMaxResult | None = None  # real probes, when the model cannot be traced
+    #: the trace against one real probe at the estimated max (the target is the device here)
+    verified: TraceCheck | None = None
+    verify_probe: ProbeResult | None = None
 
 
 # --------------------------------------------------------------------------- noise scale

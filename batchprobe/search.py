@@ -36,6 +36,12 @@ class Observation:
     #: the part of the peak that grows with the batch: the forward/backward peak, when the
     #: backend can tell it apart from the optimizer step's (None: use peak_bytes)
     line_bytes: int | None = None
+    #: a failed allocation: the bytes live when it failed (the limit is at least this) and live
+    #: plus the request (memory at this size is at least this; the limit is below it)
+    live_bytes: int | None = None
+    need_bytes: int | None = None
+    #: the optimizer step's own peak, when the backend can tell it apart (None: not known)
+    flat_bytes: int | None = None
 
 
 StrategyGen = Generator[int, Observation, None]
@@ -77,112 +83,283 @@ def doubling(start: int, cap: int) -> StrategyGen:
         b = min(2 * b, cap) if br.hi is None else br.middle
 
 
-def predictive(start: int, cap: int, limit_bytes: int) -> StrategyGen:
-    """Jump near the boundary using the measured peaks, then bracket and finish exactly.
+@dataclass(frozen=True)
+class Line:
+    """Memory as `fixed + per_sample * b`: what grows with the batch, on top of what does not."""
 
-    Memory is modelled as max(optimizer-step peak, intercept + slope * b): flat while the optimizer
-    step dominates, affine once activations do (a 2-layer LSTM measured 27.1 -> 28.7 -> 56.9 MB
-    at batch 1, 2, 8).
-    Backends report the forward/backward part apart (`Observation.line_bytes`), so the line is
-    fitted on the part that grows with the batch.
-    - Growing: `b * (limit / peak - 1)` still fits under that model whatever the split between
-      fixed and per-sample memory — a safe jump. With two points, the line's crossing of `limit`
-      predicts the boundary; when the larger point is far below the prediction, aim 90% of the
-      way there first, so that the next line is fitted close to the boundary.
-    - Bracketed: try the line's prediction inside the bracket (then its neighbour); bisect when a
-      try fails to halve the bracket, so the worst case stays logarithmic.
-    Predictions are only places to look: the answer is always a tested size with `hi == lo + 1`.
-    """
-    br = _Bracket(cap)
-    fits: list[tuple[int, int]] = []  # (batch, growing part of the peak) of sizes that fit
-    b = min(start, cap)
-    bisect_next = False
-    while True:
-        width_before = None if br.hi is None else br.hi - br.lo
-        obs = yield b
-        if obs.outcome is Outcome.FIT and obs.peak_bytes is not None:
+    fixed: float
+    per_sample: float
+
+    def at(self, b: float) -> float:
+        return self.fixed + self.per_sample * b
+
+    def crossing(self, limit: float) -> int | None:
+        """The largest b with at(b) <= limit (None when the line does not grow)."""
+        if self.per_sample <= 0:
+            return None
+        return math.floor((limit - self.fixed) / self.per_sample)
+
+
+@dataclass(frozen=True)
+class Prior:
+    """What a fake-tensor trace says before any probe, in the bytes probes measure: the
+    forward/backward peak as a line over batch sizes, and the optimizer step's peak as another
+    (nearly flat: parameters, gradients and state, plus the batch still alive). Memory at b is the
+    larger of the two."""
+
+    line: Line
+    flat: Line = Line(0.0, 0.0)
+    #: the traced sizes and their bytes (memory is not quite a line at the smallest sizes)
+    points: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def flat_bytes(self) -> int:
+        """The optimizer step's peak at batch 1."""
+        return int(self.flat.at(1))
+
+    def crossing(self, limit: int) -> int | None:
+        return _lowest(self.line.crossing(limit), _flat_crossing(self.flat, limit))
+
+    def at(self, b: int) -> float:
+        """The traced bytes at b when b was traced, else the line's."""
+        return dict(self.points).get(b, self.line.at(b))
+
+
+def _flat_crossing(flat: Line, limit: float) -> int | None:
+    """Where the optimizer step's peak meets the limit: 0 when it is over at any size, None
+    when it never is."""
+    if flat.at(1) > limit:
+        return 0
+    return flat.crossing(limit)
+
+
+def _lowest(*crossings: int | None) -> int | None:
+    known = [c for c in crossings if c is not None]
+    return min(known) if known else None
+
+
+#: a measured point within this share of the prior's line agrees with it
+AGREE = 0.02
+
+
+class _Knowledge:
+    """Everything the probes said, as facts about two unknowns: memory at each size, and the
+    limit. A fit: memory(b) = its peak, and limit >= peak. A failed allocation: memory(b) >=
+    live + request, and live <= limit < live + request. The line through the facts, and the
+    limit between its bounds, give where the boundary is."""
+
+    def __init__(self, limit: int, prior: Prior | None) -> None:
+        self.configured = limit
+        self.prior = prior
+        self.fits: dict[int, int] = {}  # b -> growing part of the measured peak
+        self.flats: dict[int, int] = {}  # b -> the optimizer step's measured peak
+        self.needs: dict[int, int] = {}  # b -> memory at b is at least this (a failure)
+        self.floor = 0  # the limit is at least this (peaks that fit, bytes live at a failure)
+        self.prior_agrees = False  # the first measured point fell on the prior's line
+        self.trust_prior = prior is not None  # until the line it gave missed
+
+    def add(self, b: int, obs: Observation) -> None:
+        if obs.outcome is Outcome.FIT and obs.peak_bytes:
             line = obs.line_bytes if obs.line_bytes is not None else obs.peak_bytes
-            fits.append((b, line))
+            self.fits[b] = line
+            if obs.flat_bytes:
+                self.flats[b] = obs.flat_bytes
+            self.floor = max(self.floor, obs.peak_bytes)
+            if self.prior is not None and len(self.fits) == 1:
+                expected = self.prior.at(b)
+                self.prior_agrees = abs(line - expected) <= AGREE * expected
+        elif obs.outcome is Outcome.OOM:
+            if not obs.need_bytes and (guess := self.line()) is not None:
+                # a failure that says nothing of its bytes: memory at b is what the line says
+                # (the limit is below it)
+                self.needs[b] = max(self.needs.get(b, 0), int(guess.at(b)) + 1)
+            if obs.need_bytes:
+                self.needs[b] = max(self.needs.get(b, 0), obs.need_bytes)
+            if obs.live_bytes:
+                self.floor = max(self.floor, obs.live_bytes)
+
+    @property
+    def ceiling(self) -> int:
+        """The limit is at most this (strictly below a failed allocation's live + request)."""
+        return min([self.configured, *(n - 1 for n in self.needs.values())])
+
+    @property
+    def learned(self) -> bool:
+        """Failures showed a limit below the configured one (a limit the tool cannot see,
+        fragmentation, another process): the limit is searched between floor and ceiling."""
+        return self.ceiling < self.configured
+
+    def line(self) -> Line | None:
+        """The measured line: through two fits far enough apart, else the prior moved onto the
+        one fit, else the prior; then steepened to meet every failure above it."""
+        points = sorted(self.fits.items())
+        line: Line | None = None
+        if points:
+            b2, p2 = points[-1]
+            apart = [(b, p) for b, p in points[:-1] if b <= 0.9 * b2]
+            if apart or (len(points) >= 2 and self.prior is None):
+                b1, p1 = apart[-1] if apart else points[-2]
+                slope = (p2 - p1) / (b2 - b1)
+                if slope > 0:
+                    line = Line(p2 - slope * b2, slope)
+            if line is None and self.trust_prior:
+                line = self._prior_through(b2, p2)
+        elif self.prior is not None and self.trust_prior:
+            line = self.prior.line
+        if line is None:
+            return None
+        for b, need in sorted(self.needs.items()):
+            if line.at(b) >= need:
+                continue
+            below = [(fb, fp) for fb, fp in points if fb < b]
+            if below:  # from the largest fit below the failure up to what it needed
+                fb, fp = below[-1]
+                slope = (need - fp) / (b - fb)
+                line = Line(fp - slope * fb, slope)
+            else:  # no measured point: what does not grow is the prior's
+                line = Line(line.fixed, (need - line.fixed) / b)
+        return line
+
+    def _prior_through(self, b: int, measured: int) -> Line:
+        """The prior's line moved onto one measured point. When they agree, by the difference
+        (an offset); when the measurement is above, the per-sample part takes the difference
+        (what does not grow — parameters, optimizer state — a trace counts exactly; what goes
+        wrong is per sample: a kernel's workspace, a layout); below, the line scales down."""
+        assert self.prior is not None
+        prior = self.prior.line
+        expected = self.prior.at(b)
+        if abs(measured - expected) <= AGREE * expected:
+            return Line(prior.fixed + (measured - expected), prior.per_sample)
+        if measured > expected and measured > prior.fixed:
+            return Line(prior.fixed, (measured - prior.fixed) / b)
+        scale = measured / expected if expected > 0 else 1.0
+        return Line(prior.fixed * scale, prior.per_sample * scale)
+
+    def flat(self) -> Line | None:
+        """The optimizer step's peak as a line: through two measurements far enough apart, else
+        the prior's moved onto the largest measurement, else flat at it."""
+        points = sorted(self.flats.items())
+        prior = self.prior.flat if self.prior is not None else None
+        if not points:
+            return prior
+        b2, p2 = points[-1]
+        apart = [(b, p) for b, p in points[:-1] if b <= 0.9 * b2]
+        if apart:
+            b1, p1 = apart[-1]
+            slope = max((p2 - p1) / (b2 - b1), 0.0)
+            return Line(p2 - slope * b2, slope)
+        if prior is not None:
+            return Line(prior.fixed + (p2 - prior.at(b2)), prior.per_sample)
+        return Line(p2, 0.0)
+
+    def interval(self) -> tuple[int, int] | None:
+        """Where the lines say the boundary is: the largest size under the limit — a point
+        while the configured limit holds, a range once failures showed it is lower."""
+        line = self.line()
+        flat = self.flat()
+
+        def crossing(limit: int) -> int | None:
+            at = line.crossing(limit) if line is not None else None
+            return _lowest(at, _flat_crossing(flat, limit) if flat is not None else None)
+
+        if line is None and (flat is None or flat.per_sample <= 0):
+            if flat is not None and flat.at(1) > self.ceiling:
+                return 0, 0  # the optimizer step alone is over the limit
+            return None
+        high = crossing(self.ceiling)
+        if high is None:
+            return None
+        if not self.learned:
+            return high, high
+        low = crossing(self.floor) if 0 < self.floor <= self.ceiling else None
+        return (high, high) if low is None else (min(low, high), high)
+
+    def safe_jump(self, b: int) -> int:
+        """From a fit, a size that fits whatever the split between fixed and per-sample memory:
+        b * (limit / peak - 1)."""
+        peak = max(self.fits.get(b, 0), self.flats.get(b, 0))
+        if peak <= 0:
+            return 2 * b
+        return int(b * (self.ceiling / peak - 1))
+
+
+def _bisect(lo: int, hi: int) -> int:
+    """The middle of a bracket: in log space while it spans more than 4x."""
+    return math.isqrt(max(lo, 1) * hi) if hi > 4 * max(lo, 1) else (lo + hi) // 2
+
+
+def learned(
+    start: int,
+    cap: int,
+    limit_bytes: int,
+    prior: Prior | None = None,
+    seen: Sequence[tuple[int, Observation]] = (),
+) -> StrategyGen:
+    """Learn where the boundary is from every observation; bisect where the model misses.
+
+    Knowledge (`_Knowledge`): a line through the measured peaks (the growing part, forward and
+    backward), the prior line from the fake-tensor trace until two measurements stand apart, the
+    memory each failed allocation proves necessary, and the limit between the peaks that fit and
+    the failed allocations. `seen` adds observations made before the search (the warm-up step):
+    they inform the line but are not results.
+
+    Each probe is either the model's or a bisection step:
+    - the model's: where the line meets the limit (expected to fit), then the size above it
+      (expected to fail); once failures showed a lower limit than configured, the middle of the
+      sizes the limit can still allow.
+    - a bisection step (log space while the bracket spans more than 4x) right after the model
+      missed — a size it said fits did not, or one it said fails did — and whenever its answer
+      lies outside the bracket. A wrong prior or a wrong line costs one probe each time, and the
+      bracket still shrinks as fast as a bisection's.
+    Before any failure with no line to follow: the safe jump from the largest fit, else
+    doubling. The answer is always a tested size with `hi == lo + 1` (or the cap).
+    """
+    k = _Knowledge(limit_bytes, prior)
+    for b, obs in seen:
+        k.add(b, obs)
+    br = _Bracket(cap)
+    b, expect, span = start, None, 0
+    if prior is not None and (around := k.interval()) is not None:
+        b, expect = around[1], Outcome.FIT
+    b = min(max(b, 1), cap)
+    retry = True  # once per search, the line corrected by a miss is followed before bisecting
+    while True:
+        obs = yield b
+        k.add(b, obs)
         if br.record(b, obs):
             return
         lo, hi = br.lo, br.hi
-        if hi is not None and lo == 0:  # even the first size failed: no peaks to go on
-            b = hi // 2
+        around = k.interval()
+        if hi is None:  # nothing has failed yet
+            if around is None:
+                b, expect = max(2 * lo, k.safe_jump(lo)), None
+            elif around[1] <= lo:
+                b, expect = lo + 1, Outcome.OOM
+            else:
+                b, expect = max(around[1], k.safe_jump(lo)), Outcome.FIT
+            b = min(b, cap)
             continue
-        target = _target(fits, lo, limit_bytes)
-        if hi is None:
-            b = min(
-                max(lo + 1 if target else 2 * lo, _safe_jump(fits, limit_bytes), target or 0), cap
-            )
-            continue
-        if width_before is not None and (hi - lo) * 2 > width_before:
-            bisect_next = True  # the last try did not halve the bracket
-        if bisect_next or target is None or target >= hi:
-            # the line overshot (memory grows faster than it said): split the bracket — in log
-            # space while it spans more than 4x, where the answer's order of magnitude is unknown
-            floor = max(lo + 1, _safe_jump(fits, limit_bytes))
-            wide = hi > 4 * floor and not bisect_next
-            b = math.isqrt(floor * hi) if wide else (lo + hi) // 2
-            bisect_next = False
-            continue
-        b = target
-
-
-def _target(fits: Sequence[tuple[int, int]], lo: int, limit_bytes: int) -> int | None:
-    """Where the line points next: its prediction, 90% of the way there when the prediction is
-    far beyond the points it was fitted on, lo + 1 when it says lo is the boundary."""
-    pred = _predict(fits, limit_bytes)
-    if pred is None:
-        return None
-    if pred <= lo:
-        return lo + 1
-    nearest = max(b for b, _ in fits)
-    if nearest >= pred // 2:
-        return pred
-    return lo + max(1, int(0.9 * (pred - lo)))
-
-
-def _safe_jump(fits: Sequence[tuple[int, int]], limit_bytes: int) -> int:
-    if not fits:
-        return 0
-    b, peak = max(fits)
-    if peak <= 0:
-        return 2 * b
-    return int(b * (limit_bytes / peak - 1))
-
-
-def _predict(fits: Sequence[tuple[int, int]], limit_bytes: int) -> int | None:
-    """Largest b with intercept + slope*b <= limit, from the line through the two largest fits."""
-    points = sorted(set(fits))
-    if len(points) < 2:
-        return None
-    (b1, p1), (b2, p2) = points[-2], points[-1]
-    if b2 == b1 or p2 <= p1:
-        return None
-    slope = (p2 - p1) / (b2 - b1)
-    intercept = p2 - slope * b2
-    if limit_bytes <= intercept:
-        return None
-    return math.floor((limit_bytes - intercept) / slope)
-
-
-def seeded(guess: int, cap: int) -> StrategyGen:
-    """Start at a guess (e.g. from a fake-tensor estimate), step outward by 1, 2, 4, ... until the
-    boundary is bracketed, then bisect: 2 probes when the guess is right, O(log error) when not."""
-    br = _Bracket(cap)
-    b = min(max(guess, 1), cap)
-    step = 1
-    while True:
-        if br.record(b, (yield b)):
-            return
-        if br.hi is None:
-            b = min(br.lo + step, cap)
-        elif br.lo == 0:
-            b = max(br.hi - step, 1)
-        else:
-            b = br.middle
-            continue
-        step *= 2
+        low, high = (max(around[0], lo), min(around[1], hi - 1)) if around else (1, 0)
+        # the model's last probe missed: a size it said fits did not (or the reverse), or the
+        # range it was meant to halve did not halve
+        missed = expect is not None and (obs.outcome is Outcome.FIT) != (expect is Outcome.FIT)
+        missed |= span > 0 and high - low + 1 > (span + 1) // 2
+        if missed and k.trust_prior and len(k.fits) < 2:
+            k.trust_prior = False  # the trace was wrong here: measurements alone from now on
+            around = k.interval()
+            low, high = (max(around[0], lo), min(around[1], hi - 1)) if around else (1, 0)
+        expect, span = None, 0
+        if missed and retry and low <= high:
+            # a near miss (a line off by a little near the boundary) is corrected by the
+            # measurement that showed it: one more probe where the corrected line says
+            retry, missed = False, False
+        if missed or low > high:  # no model, or one the probes contradict: bisect
+            b = _bisect(lo, hi)
+        elif low == high:  # one size: it should fit, the next should not
+            b, expect = (low, Outcome.FIT) if low > lo else (low + 1, Outcome.OOM)
+        else:  # a range (the limit is not known exactly): halve it
+            b, span = (low + high + 1) // 2, high - low + 1
+        b = max(b, 1)
 
 
 def iter_once(size: int) -> StrategyGen:
@@ -197,7 +374,16 @@ class SearchContext:
     start: int = 1
     cap: int = 65536
     limit_bytes: int | None = None  # the memory a probe may use
-    guess: int | None = None  # the boundary a fake-tensor trace predicts
+    prior: Prior | None = None  # what a fake-tensor trace says memory is at each size
+    seen: tuple[tuple[int, Observation], ...] = ()  # measured before the search (the warm-up)
+
+    @property
+    def guess(self) -> int | None:
+        """The boundary the prior alone predicts (the fake-tensor estimate)."""
+        if self.prior is None or not self.limit_bytes:
+            return None
+        crossing = self.prior.crossing(self.limit_bytes)
+        return None if crossing is None else min(max(crossing, 0), self.cap)
 
 
 @dataclass(frozen=True)
@@ -206,11 +392,11 @@ class StrategyInfo:
     doc: str  # one line, for --help and README
     make: Callable[[SearchContext], StrategyGen]
     needs_limit: bool = False
-    needs_guess: bool = False
+    needs_prior: bool = False
 
     def usable(self, ctx: SearchContext) -> bool:
         return (not self.needs_limit or bool(ctx.limit_bytes)) and (
-            not self.needs_guess or ctx.guess is not None
+            not self.needs_prior or ctx.prior is not None
         )
 
 
@@ -226,17 +412,17 @@ def register(info: StrategyInfo) -> None:
 register(
     StrategyInfo(
         "estimate",
-        "start at the fake-tensor estimate, step outward by 1, 2, 4, ..., then bisect",
-        lambda ctx: seeded(ctx.guess or 1, ctx.cap),
+        "start where the fake-tensor trace meets the limit, then learn from every probe",
+        lambda ctx: learned(ctx.start, ctx.cap, ctx.limit_bytes or 0, ctx.prior, ctx.seen),
         needs_limit=True,
-        needs_guess=True,
+        needs_prior=True,
     )
 )
 register(
     StrategyInfo(
         "predict",
-        "jump to where the measured peaks cross the limit, then bracket and bisect",
-        lambda ctx: predictive(ctx.start, ctx.cap, ctx.limit_bytes or 0),
+        "jump to where the measured peaks meet the limit, learning from every probe",
+        lambda ctx: learned(ctx.start, ctx.cap, ctx.limit_bytes or 0, None, ctx.seen),
         needs_limit=True,
     )
 )
@@ -266,11 +452,8 @@ def choose(requested: str, ctx: SearchContext) -> StrategyInfo:
     return next(STRATEGIES[n] for n in candidates(requested) if STRATEGIES[n].usable(ctx))
 
 
-def make_strategy(
-    name: str, start: int, cap: int, limit_bytes: int | None, guess: int | None = None
-) -> StrategyGen:
+def make_strategy(name: str, ctx: SearchContext) -> StrategyGen:
     """A strategy generator for `name` (`auto` resolved by `choose`)."""
-    ctx = SearchContext(start, cap, limit_bytes, guess)
     return choose(name, ctx).make(ctx)
 
 
@@ -324,10 +507,11 @@ def search(
     cap: int = 65536,
     strategy: str = "doubling",
     limit_bytes: int | None = None,
-    guess: int | None = None,
+    prior: Prior | None = None,
+    seen: Sequence[tuple[int, Observation]] = (),
 ) -> SearchResult:
     """Run a strategy against a plain function: `search(lambda b: b <= 37)`."""
-    gen = make_strategy(strategy, start, cap, limit_bytes, guess)
+    gen = make_strategy(strategy, SearchContext(start, cap, limit_bytes, prior, tuple(seen)))
     probes: list[tuple[int, Observation]] = []
     try:
         b = next(gen)

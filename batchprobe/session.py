@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,12 +20,23 @@ from batchprobe import launcher
 from batchprobe.backends import get_backend
 from batchprobe.backends.base import DeviceView
 from batchprobe.errors import Problem, SpecError
-from batchprobe.estimate import TraceError, Tracer, estimate
+from batchprobe.estimate import TraceError, Tracer
 from batchprobe.isolate import IsolatedProber
+from batchprobe.memory import OutOfTime
 from batchprobe.probe import Driven, ProbeProgress, Prober, WatchedProber, drive, warm_up
 from batchprobe.ranks import Dist, Solo, open_ranks
-from batchprobe.results import Failure, FindMaxResult, ProbeResult, StepTiming
-from batchprobe.search import STRATEGIES, Outcome, SearchContext, candidates, iter_once, summarize
+from batchprobe.results import Failure, FindMaxResult, ProbeResult, StepTiming, TraceCheck
+from batchprobe.search import (
+    STRATEGIES,
+    Observation,
+    Outcome,
+    Prior,
+    SearchContext,
+    candidates,
+    iter_once,
+    make_strategy,
+    summarize,
+)
 from batchprobe.sources import Workload, build_workload, quiet_warnings
 from batchprobe.spec import Spec
 from batchprobe.step import TrainStep
@@ -35,6 +47,12 @@ if TYPE_CHECKING:
     from batchprobe.backends.base import Backend
 
 
+#: tracing for the prior may take this many times the warm-up (its full steps at batch 1): about
+#: the probes a right prior saves (each costs at least that much)
+TRACE_PROBES = 4
+TRACE_MIN_S = 2.0  # ... and at least this long: a probe also opens and settles the device
+
+
 @dataclass
 class Session:
     spec: Spec
@@ -43,6 +61,9 @@ class Session:
     ranks: Solo | Dist
     prober: WatchedProber
     _step: TrainStep | None = field(default=None, repr=False)
+    #: the warm-up: full steps at batch 1 before any probe (agreed across ranks); a search
+    #: learns from it and answers batch 1 with it
+    warm: ProbeResult | None = None
     _tracer: Tracer | None = field(default=None, repr=False)
     _trace_error: TraceError | None = field(default=None, repr=False)
 
@@ -55,7 +76,7 @@ class Session:
     def step(self) -> TrainStep:
         """The training step on the device (with isolated probes, built on first use)."""
         if self._step is None:
-            self.backend, self.workload, self._step = _on_device(self.spec, self.ranks)
+            self.backend, self.workload, self._step, _ = _on_device(self.spec, self.ranks)
         return self._step
 
     @property
@@ -111,20 +132,25 @@ class Session:
         resolved here, the one place (estimate needs a trace, predict a limit)."""
         p = self.spec.probe
         limit = limit_bytes or self.limit_bytes
-        ctx = SearchContext(start or p.start, cap or p.max_batch_size, limit)
+        seen = () if self.warm is None else ((1, self.warm.observation(limit_bytes)),)
+        ctx = SearchContext(start or p.start, cap or p.max_batch_size, limit, seen=seen)
         requested = strategy or p.strategy
         notes: list[str] = []
+        started = time.perf_counter()
         for name in candidates(requested):
             chosen = STRATEGIES[name]
-            if chosen.needs_guess:
-                guess, why = self.estimated_boundary(limit)
-                ctx = dataclasses.replace(ctx, guess=guess)
+            if chosen.needs_prior and ctx.prior is None:
+                prior, why = self.prior(limit)
+                ctx = dataclasses.replace(ctx, prior=prior)
                 notes += [why] if why else []
             if chosen.usable(ctx):
                 break
+        traced = time.perf_counter() - started
         warned = len(self.prober.warnings)
-        started = time.perf_counter()
         watch = _RoomWatch(self.backend, self.prober)
+        if self.warm is not None and self.warm.outcome is Outcome.FIT:
+            # full steps at batch 1, measured: batch 1 needs no other probe
+            known = {1: dataclasses.replace(self.warm, retained_bytes=0), **(known or {})}
         done = drive(
             chosen.make(ctx), watch, limit_bytes=limit_bytes, known=known, progress=progress
         )
@@ -138,25 +164,30 @@ class Session:
             strategy=chosen.name,
             seconds=time.perf_counter() - started,
             warnings=[*notes, *self.prober.warnings[warned:]],
-            guess=ctx.guess if chosen.needs_guess else None,
+            guess=ctx.guess if chosen.needs_prior else None,
             poisoned=self.prober.poisoned,
             world_size=self.ranks.world_size,
+            trace_check=self._trace_check(ctx.prior, done.probes) if chosen.needs_prior else None,
+            trace_seconds=traced,
         )
 
-    def estimated_boundary(self, limit: int | None) -> tuple[int | None, str]:
-        """The fake-tensor estimate of the boundary under `limit`, or why there is none. Traces
-        (and a failure to trace) are kept: a second estimate reuses them."""
+    def prior(self, limit: int | None) -> tuple[Prior | None, str]:
+        """What the fake-tensor trace says memory is at each size, or why there is nothing to
+        go on. Tracing stops once it costs more than the probes it would save (a few times
+        the warm-up's steps). Traces, and a failure to trace, are kept for the next search."""
         if not limit:
             return None, "no memory limit known: searched with probes alone"
         if self.ranks.parallel == "fsdp":
             # the trace is of the unsharded model: no guide to a rank's share
             return None, "FSDP: searched with probes alone (the trace is unsharded)"
+        extra = 0
         if self.ranks.parallel == "ddp":
             # DDP keeps a flat copy of the gradients in its buckets, outside the traced model
-            limit -= sum(
+            extra = sum(
                 p.numel() * p.element_size() for p in self.step.parameters() if p.requires_grad
             )
-        guess: int | None = None
+        budget = max(TRACE_MIN_S, TRACE_PROBES * (self.warm.seconds if self.warm else 0.0))
+        prior: Prior | None = None
         why = ""
         try:
             if self._trace_error is not None:
@@ -166,19 +197,60 @@ class Session:
                 allowance = self.backend.estimate_target(self.spec.estimate)[2]
                 allowance = dataclasses.replace(allowance, context_bytes=0)
                 self._tracer = Tracer(self.spec, allowance, self.spec.probe.steps)
-            est = estimate(
-                self.spec,
-                limit,
-                self._tracer.allowance,
-                self.backend.info().device,
-                tracer=self._tracer,
-            )
-            guess = est.max_batch_size or 1
+            prior = self._tracer.prior(limit, extra, deadline=time.perf_counter() + budget)
         except TraceError as exc:
             self._trace_error = exc
             why = f"could not trace the model ({exc.op or exc}): searched with probes alone"
-        # every rank must start from the same size
-        return self.ranks.agree_min(guess), why
+        except OutOfTime:
+            why = (
+                f"tracing took longer than {budget:.1f} s, more than the probes it would save: "
+                "searched with probes alone"
+            )
+        # every rank must search alike: the traces are the same on each, unless one ran out
+        (missing,) = self.ranks.any_rank(prior is None)
+        return (None, why) if missing else (prior, why)
+
+    def _trace_check(self, prior: Prior | None, probes: list[ProbeResult]) -> TraceCheck | None:
+        """The trace against the first probe that ran."""
+        first = next((p for p in probes if not p.reused), None)
+        if prior is None or first is None:
+            return None
+        b = first.batch_size
+        tracer = self._tracer
+
+        def traced_ops() -> dict[str, int] | None:
+            if tracer is None:
+                return None
+            try:
+                return tracer.trace(b).op_bytes
+            except (TraceError, OutOfTime):
+                return None
+
+        return check_trace(int(max(prior.flat.at(b), prior.at(b))), first, traced_ops)
+
+
+def check_trace(
+    traced_bytes: int, probe: ProbeResult, traced_ops: Callable[[], dict[str, int] | None]
+) -> TraceCheck | None:
+    """A trace's bytes at a size against a real probe there: its peak, or what its failed
+    allocation needed. When they differ, the op: the one that failed, else (the CPU sees ops)
+    the op whose bytes differ from the trace's (`traced_ops`, asked only then) by most."""
+    b = probe.batch_size
+    if probe.outcome is Outcome.FIT and probe.peak_bytes:
+        check = TraceCheck(b, traced_bytes, probe.peak_bytes)
+    elif probe.need_bytes:
+        check = TraceCheck(b, traced_bytes, probe.need_bytes, at_least=True, op=probe.failed_op)
+    else:
+        return None
+    if check.agreed or check.op or not probe.op_bytes:
+        return check
+    ops = traced_ops()
+    if ops is None:
+        return check
+    diffs = {op: n - ops.get(op, 0) for op, n in probe.op_bytes.items()}
+    under = check.ratio > 1
+    op = max(diffs, key=lambda o: diffs[o] if under else -diffs[o], default=None)
+    return dataclasses.replace(check, op=op)
 
 
 class _RoomWatch:
@@ -211,12 +283,23 @@ class _RoomWatch:
         limit_bytes: int | None,
         progress: ProbeProgress | None,
     ) -> list[str]:
-        if self.fell_at is None or done.interrupted:
+        if done.interrupted:
             return []
-        notes = [
-            f"free device memory fell by {format_bytes(self.fall)} during the search (another "
-            f"process on the device?): probes from #{self.fell_at + 1} on had less room"
-        ]
+        if self.fell_at is not None:
+            notes = [
+                f"free device memory fell by {format_bytes(self.fall)} during the search "
+                f"(another process on the device?): probes from #{self.fell_at + 1} on had less "
+                "room"
+            ]
+        elif (fell := _limit_fell(done.observations)) is not None:
+            self.fell_at, (b, need, size, peak) = fell
+            notes = [
+                f"batch {b} failed needing {format_bytes(need)}, less than the "
+                f"{format_bytes(peak)} batch {size} used when it fit: the limit fell during the "
+                "search"
+            ]
+        else:
+            return []
         fits = [i for i, (_, o) in enumerate(done.observations) if o.outcome is Outcome.FIT]
         best = max(fits, key=lambda i: done.observations[i][0], default=None)
         if best is None or best >= self.fell_at:
@@ -227,14 +310,34 @@ class _RoomWatch:
         done.observations += again.observations
         if again.observations and again.observations[0][1].outcome is Outcome.FIT:
             return [*notes, f"micro-batch {size} still fits after the fall"]
-        below = dataclasses.replace(ctx, cap=size - 1, start=min(ctx.start, size - 1), guess=None)
+        # what was seen with the room as it is now informs the search below
+        after = tuple(done.observations[self.fell_at :])
+        below = dataclasses.replace(ctx, cap=size - 1, start=min(ctx.start, size - 1), seen=after)
+        name = "estimate" if below.prior is not None else "predict"
         if size > 1:
             rest = drive(
-                STRATEGIES["doubling"].make(below), self, limit_bytes=limit_bytes, progress=progress
+                make_strategy(name, below), self, limit_bytes=limit_bytes, progress=progress
             )
             done.probes += rest.probes
             done.observations += rest.observations
         return [*notes, f"micro-batch {size} no longer fits: searched again below it"]
+
+
+def _limit_fell(
+    observations: list[tuple[int, Observation]],
+) -> tuple[int, tuple[int, int, int, int]] | None:
+    """A failure that needed less memory than a smaller size used when it fit, earlier: the
+    limit fell between them (memory the device could not see go, a budget another layer
+    lowered). (index of the failure, (its size, its need, the fit's size, the fit's peak))."""
+    fits: list[tuple[int, int]] = []
+    for i, (b, obs) in enumerate(observations):
+        if obs.outcome is Outcome.FIT and obs.peak_bytes:
+            fits.append((b, obs.peak_bytes))
+        elif obs.outcome is Outcome.OOM and obs.need_bytes:
+            for size, peak in fits:
+                if size < b and obs.need_bytes < peak:
+                    return i, (b, obs.need_bytes, size, peak)
+    return None
 
 
 def _available(backend: Backend | DeviceView) -> int | None:
@@ -268,9 +371,9 @@ def open_session(spec: Spec) -> Session:
             workload = build_workload(spec, "meta")  # what the model is, on no device
         return Session(spec, view, workload, Solo(), WatchedProber(children, None))
     backend = get_backend(spec.probe.device, launcher.local_rank())
-    backend.set_budget(_budget(spec))
+    apply_budget(spec, backend)
     ranks = open_ranks(backend, parallel, spec.probe.collective_timeout_s)
-    backend, workload, step = _on_device(spec, ranks, backend)
+    backend, workload, step, warm = _on_device(spec, ranks, backend)
     budget = MemorySize(bytes=backend.budget_bytes) if backend.budget_bytes else None
 
     def isolated() -> Prober:  # where in-process probing can no longer be trusted
@@ -281,18 +384,18 @@ def open_session(spec: Spec) -> Session:
         None if ranks.distributed else isolated,
     )
     prober.warnings.extend(ranks.notes)  # said with the first search's results
-    return Session(spec, backend, workload, ranks, prober, _step=step)
+    return Session(spec, backend, workload, ranks, prober, _step=step, warm=warm)
 
 
 def _on_device(
     spec: Spec, ranks: Solo | Dist, backend: Backend | None = None
-) -> tuple[Backend, Workload, TrainStep]:
-    """The model on the device, wrapped for the ranks, warmed up: one step at the start size,
-    outside any probe (its outcome agreed under torchrun), so that what a process creates once
-    is in the baseline rather than in the first probe."""
+) -> tuple[Backend, Workload, TrainStep, ProbeResult]:
+    """The model on the device, wrapped for the ranks, warmed up: full steps at batch 1, before
+    any probe (agreed under torchrun), so that what a process creates once is in the baseline
+    rather than in the first probe. Returns the warm-up's result too: a measured batch 1."""
     if backend is None:
         backend = get_backend(spec.probe.device, launcher.local_rank())
-        backend.set_budget(_budget(spec))
+        apply_budget(spec, backend)
     backend.configure(spec.train)
     with quiet_warnings():
         workload = build_workload(spec, backend.device)
@@ -308,8 +411,8 @@ def _on_device(
     )
     if isinstance(ranks, Dist) and ranks.parallel == "fsdp":
         ranks.rebuild = lambda: _reshard(spec, ranks, backend, step)
-    warm_up(lambda b: ranks.probe(step, backend, b, 1), backend)
-    return backend, workload, step
+    warm = warm_up(lambda b: ranks.probe(step, backend, b, spec.probe.steps), backend)
+    return backend, workload, step, warm
 
 
 def _reshard(spec: Spec, ranks: Dist, backend: Backend, step: TrainStep) -> None:
@@ -319,6 +422,27 @@ def _reshard(spec: Spec, ranks: Dist, backend: Backend, step: TrainStep) -> None
         model = build_workload(spec, backend.device).model.to(backend.device)
     ranks.shard(model)
     step.replace_model(model)
+
+
+def apply_budget(spec: Spec, backend: Backend) -> None:
+    """The spec's budget on the backend; a budget in bytes above what the device can take is
+    refused, naming the key (a budget the device cannot honour would only end in the OOM
+    killer, or in a search told a limit that is not there)."""
+    budget = _budget(spec)
+    if budget is not None and budget.bytes is not None and budget.bytes > backend.capacity_bytes:
+        details = backend.info().details
+        where = f", set by {details['capacity']}" if "capacity" in details else ""
+        raise SpecError(
+            [
+                Problem(
+                    "probe.memory_budget",
+                    f"{format_bytes(budget.bytes)} is more than this device can take "
+                    f"({format_bytes(backend.capacity_bytes)}{where}): leave it unset for the "
+                    "whole device, or give a fraction such as 0.9",
+                )
+            ]
+        )
+    backend.set_budget(budget)
 
 
 def _budget(spec: Spec) -> MemorySize | None:

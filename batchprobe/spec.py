@@ -200,6 +200,13 @@ class EstimateSpec:
     batch_sizes: tuple[int, ...] | None = field(
         default=None, metadata=_doc("also trace these batch sizes (default: the search's)")
     )
+    verify: bool = field(
+        default=True,
+        metadata=_doc(
+            "when the target is the device here: one real probe at the estimated max, to check "
+            "the trace"
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -348,6 +355,7 @@ def load_spec(
         _set_path(data, key.split("."), value, problems, source="--set")
     spec = _convert_dataclass(Spec, data, "", lines, problems)
     if spec is not None:
+        spec = _optimizer_kwargs(spec, lines, problems)
         problems.extend(_cross_checks(spec, lines))
     if problems:
         problems.sort(key=lambda p: (p.line is None, p.line or 0))
@@ -626,10 +634,73 @@ def _check_range(value: Any, meta: Mapping[str, Any]) -> None:
 
 def optimizer_parameters(name: str) -> list[str]:
     """Constructor arguments of a torch optimizer, other than params and lr."""
+    return list(optimizer_defaults(name))
+
+
+def optimizer_defaults(name: str) -> dict[str, Any]:
+    """Constructor arguments of a torch optimizer, other than params and lr, with defaults."""
     import torch.optim
 
     cls = getattr(torch.optim, OPTIMIZER_CLASSES[name])
-    return [p for p in inspect.signature(cls).parameters if p not in ("self", "params", "lr")]
+    return {
+        p.name: p.default
+        for p in inspect.signature(cls).parameters.values()
+        if p.name not in ("self", "params", "lr")
+    }
+
+
+def _number(value: Any) -> float | None:
+    """A number from YAML: PyYAML reads `5e-4` (no dot) as text."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _optimizer_kwargs(spec: Spec, lines: dict[str, int], problems: list[Problem]) -> Spec:
+    """Each optimizer setting in the type of the constructor's default: numbers (`5e-4` as YAML
+    text too), a pair of numbers (`betas`), true/false; anything else named in a problem."""
+    opt = spec.train.optimizer
+    if opt.name == "none" or not opt.kwargs:
+        return spec
+    defaults = optimizer_defaults(opt.name)
+    kwargs = dict(opt.kwargs)
+    for key, value in opt.kwargs.items():
+        if key not in defaults:
+            continue  # named by the cross-checks
+        default, path = defaults[key], f"train.optimizer.{key}"
+        expected = None
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                expected = "true or false"
+        elif isinstance(default, int | float):
+            number = _number(value)
+            if number is None:
+                expected = "a number"
+            else:
+                kwargs[key] = float(number) if isinstance(default, float) else number
+        elif isinstance(default, tuple) and all(isinstance(d, int | float) for d in default):
+            numbers = [_number(v) for v in value] if isinstance(value, list | tuple) else []
+            if len(numbers) != len(default) or any(n is None for n in numbers):
+                expected = f"{len(default)} numbers, e.g. {list(default)}"
+            else:
+                kwargs[key] = [float(n) for n in numbers if n is not None]
+        if expected is not None:
+            problems.append(
+                Problem(
+                    path,
+                    f"must be {expected} (default {default!r}), got {value!r}",
+                    lines.get(path),
+                )
+            )
+    optimizer = dataclasses.replace(opt, kwargs=kwargs)
+    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, optimizer=optimizer))
 
 
 def _cross_checks(spec: Spec, lines: dict[str, int]) -> list[Problem]:

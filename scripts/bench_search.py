@@ -2,16 +2,23 @@
 """Benchmark: real probes and wall time of each find-max strategy, and the boundary each finds.
 
     python scripts/bench_search.py            # all cases (a few minutes on 2 CPU cores)
-    python scripts/bench_search.py --quick    # two cases
+    python scripts/bench_search.py --quick    # one case under the address-space limit
     python scripts/bench_search.py --lightning-only
 
 Part 1 runs every strategy (doubling, predict, estimate) on the CPU backend for several models
-and budgets, in this process, and checks that they agree on the exact boundary.
+and budgets, in this process, and checks that they agree on the exact boundary. Then adversarial
+cases on one model: the fake-tensor trace's per-sample bytes off by x0.25, x0.5, x2, x8 (the error
+injected into the prior), and a limit that falls to 60% after the first probe (another process
+taking memory the search was not told about). An LSTM is among the models: on the CPU its
+oneDNN kernel's workspace is invisible to the trace, which is ~6x under. Figures: real probes
+(the warm-up step at batch 1 not counted) and wall-clock seconds of the search, tracing included.
 
-Part 2, when `lightning` is installed, puts batchprobe and PyTorch Lightning's
-`Tuner.scale_batch_size(mode="binsearch")` under the same *real* memory limit: each runs in a
-child process whose address space is capped (RLIMIT_AS), so the host allocator itself fails
-(`DefaultCPUAllocator: can't allocate memory`). Same model, same AdamW, same synthetic data.
+Part 2 puts batchprobe (default strategy and doubling, no budget given) and, when `lightning` is
+installed, PyTorch Lightning's `Tuner.scale_batch_size(mode="binsearch")` under the same *real*
+memory limit: each runs in a child process whose address space is capped (RLIMIT_AS, as
+`prlimit --as` does), so the host allocator itself fails (`DefaultCPUAllocator: can't allocate
+memory`). batchprobe reads the limit; Lightning does not need to. Same model, same AdamW, same
+synthetic data.
 """
 
 from __future__ import annotations
@@ -31,58 +38,112 @@ sys.path.insert(0, str(ROOT))
 
 CASES = [
     ("zoo:mlp", {}, "256MiB"),
-    ("zoo:mlp", {"hidden": 2048}, "1GiB"),
     ("zoo:cnn", {}, "256MiB"),
     ("zoo:gpt", {"n_layer": 2, "n_head": 4, "n_embd": 128, "vocab_size": 2048, "block_size": 64}, "256MiB"),
-    ("zoo:gpt", {}, "512MiB"),
     ("transformers:gpt2", {"n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 4096, "n_positions": 128}, "256MiB"),
     ("torchvision:resnet18", {}, "512MiB"),
+    ("zoo:lstm", {}, "300MiB"),
 ]  # fmt: skip
 INPUTS = {"transformers:gpt2": {"seq_len": 128}, "torchvision:resnet18": {"shape": [3, 64, 64]}}
 STRATEGIES = ("doubling", "predict", "estimate")
+#: the adversarial cases run on this model: a prior off by a factor, a limit that shrinks
+ADVERSARY = CASES[2]
+PRIOR_ERRORS = (0.25, 0.5, 2.0, 8.0)
+SHRINK = 0.6  # after the first probe, the real limit falls to this share of the one told
 
 
-def part1(cases: list[tuple[str, dict, str]]) -> list[dict]:
+class _Shrink:
+    """Another process takes memory after the first probe: the budget the probes run under
+    falls, while the search was told the original limit."""
+
+    def __init__(self, session) -> None:
+        self.session, self.done = session, False
+
+    def probe_started(self, batch_size: int) -> None:
+        pass
+
+    def probe_done(self, result) -> None:
+        if not self.done:
+            self.done = True
+            backend = self.session.backend
+            backend.budget_bytes = int(backend.budget_bytes * SHRINK)
+
+
+def _run(source, kwargs, budget, strategy, prior_error=None, shrink=False):
     import gc
 
-    from batchprobe.session import open_session
+    from batchprobe.search import Line, Prior
+    from batchprobe.session import Session, open_session
     from batchprobe.sources import quiet_warnings
     from batchprobe.spec import load_spec
 
+    data = {
+        "model": {"source": source, "kwargs": kwargs},
+        "probe": {"device": "cpu", "memory_budget": budget, "strategy": strategy},
+    }
+    if source in INPUTS:
+        data["inputs"] = INPUTS[source]
+    with quiet_warnings():
+        session = open_session(load_spec(text=json.dumps(data)))
+    gc.collect()
+    gc.freeze()
+    if prior_error is not None:  # the trace's per-sample bytes, times the error
+        real = Session.prior
+
+        def wrong(self, limit):
+            prior, why = real(self, limit)
+            if prior is None:
+                return prior, why
+            line = Line(prior.line.fixed, prior.line.per_sample * prior_error)
+            points = tuple((b, int(line.at(b))) for b, _ in prior.points)
+            return Prior(line, prior.flat, points), why
+
+        session.prior = wrong.__get__(session)
+    started = time.perf_counter()
+    result = session.search(progress=_Shrink(session) if shrink else None)
+    wall = time.perf_counter() - started
+    ran = [p.batch_size for p in result.probes if not p.reused]
+    gc.unfreeze()
+    return {
+        "max": result.max_batch_size,
+        "exact": result.search.exact,
+        "probes": len(ran),
+        "sizes": ran,
+        "seconds": wall,
+        "trace_seconds": result.trace_seconds,
+        "trace_check": result.trace_check.describe() if result.trace_check else None,
+    }
+
+
+def _row(label: str, results: dict) -> dict:
+    best = {r["max"] for r in results.values()}
+    cells = "  ".join(
+        f"{s}: {r['probes']:>2} probes {r['seconds']:6.1f} s" for s, r in results.items()
+    )
+    mx = next(iter(results.values()))["max"]
+    ok = "ok" if len(best) == 1 and all(r["exact"] for r in results.values()) else "DISAGREE"
+    print(f"{label:<64} max {mx!s:>5}  {cells}  {ok}", flush=True)
+    return {"case": label, "results": results, "agree": ok == "ok"}
+
+
+def part1(cases: list[tuple[str, dict, str]], adversarial: bool = True) -> list[dict]:
     rows = []
     for source, kwargs, budget in cases:
-        data = {
-            "model": {"source": source, "kwargs": kwargs},
-            "probe": {"device": "cpu", "memory_budget": budget},
-        }
-        if source in INPUTS:
-            data["inputs"] = INPUTS[source]
-        results = {}
-        for strategy in STRATEGIES:
-            data["probe"]["strategy"] = strategy
-            with quiet_warnings():
-                session = open_session(load_spec(text=json.dumps(data)))
-            gc.collect()
-            gc.freeze()
-            started = time.perf_counter()
-            result = session.search()
-            wall = time.perf_counter() - started
-            results[strategy] = (
-                result.max_batch_size,
-                result.search.exact,
-                len(result.probes),
-                wall,
-            )
-            gc.unfreeze()
-            del session
-        best = {r[0] for r in results.values()}
         label = f"{source} {kwargs or ''} @ {budget}".replace("{}", "").strip()
-        rows.append({"case": label, "results": results, "agree": len(best) == 1})
-        cells = "  ".join(f"{s}: {n:>2} probes {w:6.1f} s" for s, (_, _, n, w) in results.items())
-        print(
-            f"{label:<70} max {results['doubling'][0]:>6}  {cells}  {'ok' if len(best) == 1 else 'DISAGREE'}",
-            flush=True,
-        )
+        results = {s: _run(source, kwargs, budget, s) for s in STRATEGIES}
+        rows.append(_row(label, results))
+        if (source, kwargs, budget) == ADVERSARY and adversarial:
+            base = results
+    if not adversarial:
+        return rows
+    source, kwargs, budget = ADVERSARY
+    short = f"{source} (2 layers) @ {budget}"
+    for error in PRIOR_ERRORS:
+        # only the estimate strategy reads the prior: the others are the base case's
+        wrong = {**base, "estimate": _run(source, kwargs, budget, "estimate", prior_error=error)}
+        rows.append(_row(f"{short}, trace x{error} per sample", wrong))
+    shrunk = {s: _run(source, kwargs, budget, s, shrink=True) for s in STRATEGIES}
+    rows.append(_row(f"{short}, limit falls to {SHRINK:.0%} after probe 1", shrunk))
     return rows
 
 
@@ -101,18 +162,19 @@ OURS = (
     + """
 from batchprobe.spec import load_spec
 from batchprobe.session import open_session
-# No budget in the way: the address-space limit is the only one, unknown to both tools, so the
-# search is the plain doubling + bisection (the predictive ones need the limit).
-spec = load_spec(text=json.dumps({{"model": {{"source": "zoo:mlp", "kwargs": {kwargs!r}}},
-                                   "probe": {{"device": "cpu", "memory_budget": "1TiB",
-                                              "strategy": "doubling"}}}}))
-session = open_session(spec)
+# No budget: the address-space limit is the only one, set before batchprobe looks at the host,
+# so it reads it (RLIMIT_AS less the address space in use) as the capacity.
 soft, hard = resource.getrlimit(resource.RLIMIT_AS)
 resource.setrlimit(resource.RLIMIT_AS, ({limit}, hard))
 started = time.perf_counter()
+spec = load_spec(text=json.dumps({{"model": {{"source": "zoo:mlp", "kwargs": {kwargs!r}}},
+                                   "probe": {{"device": "cpu", "strategy": {strategy!r}}}}}))
+session = open_session(spec)
 result = session.search()
-print(json.dumps({{"max": result.max_batch_size, "trials": [p.batch_size for p in result.probes],
-                   "outcomes": [p.outcome.value for p in result.probes],
+ran = [p for p in result.probes if not p.reused]
+print(json.dumps({{"max": result.max_batch_size, "trials": [p.batch_size for p in ran],
+                   "outcomes": [p.outcome.value for p in ran],
+                   "capacity": session.backend.info().details["capacity"],
                    "seconds": time.perf_counter() - started}}))
 """
 )
@@ -162,10 +224,11 @@ print(json.dumps({{"max": found, "trials": seen, "seconds": time.perf_counter() 
 )
 
 
-def _baseline_vsize() -> int:
+def _baseline_vsize(lightning: bool) -> int:
+    """The address space of a child after its imports (the limit is set above it)."""
     script = CHILD_COMMON.format(root=str(ROOT)) + textwrap.dedent(
-        """
-        import lightning.pytorch
+        f"""
+        {"import lightning.pytorch" if lightning else ""}
         from batchprobe.session import open_session
         for line in open('/proc/self/status'):
             if line.startswith('VmSize:'):
@@ -176,9 +239,9 @@ def _baseline_vsize() -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def _child(template: str, kwargs: dict, limit: int) -> dict:
+def _child(template: str, kwargs: dict, limit: int, strategy: str = "auto") -> dict:
     env = {**os.environ, "MALLOC_ARENA_MAX": "2", "PYTHONWARNINGS": "ignore"}
-    script = template.format(root=str(ROOT), kwargs=kwargs, limit=limit)
+    script = template.format(root=str(ROOT), kwargs=kwargs, limit=limit, strategy=strategy)
     with tempfile.TemporaryDirectory() as cwd:  # Lightning writes a checkpoint to the cwd
         done = subprocess.run(
             [sys.executable, "-c", script],
@@ -193,33 +256,40 @@ def _child(template: str, kwargs: dict, limit: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def part2() -> list[dict]:
+LIMIT_CASES = (
+    ({"hidden": 1024, "depth": 3}, 0.5 * 2**30),
+    ({"hidden": 4096, "depth": 2}, 1.0 * 2**30),  # slow: --quick leaves it out
+)
+
+
+def part2(quick: bool = False) -> list[dict]:
     try:
         import lightning  # noqa: F401
+
+        have_lightning = True
     except ImportError:
         print("\n(lightning is not installed: pip install lightning, to compare with its finder)")
-        return []
-    base = _baseline_vsize()
+        have_lightning = False
+    base = _baseline_vsize(have_lightning)
     rows = []
     print(f"\nUnder a real address-space limit (baseline {base / 2**30:.2f} GiB after imports):")
-    for kwargs, extra in (
-        ({"hidden": 1024, "depth": 3}, 0.5 * 2**30),
-        ({"hidden": 4096, "depth": 2}, 1.0 * 2**30),
-    ):
+    for kwargs, extra in LIMIT_CASES[:1] if quick else LIMIT_CASES:
         limit = int(base + extra)
-        ours = _child(OURS, kwargs, limit)
-        theirs = _child(LIGHTNING, kwargs, limit)
-        rows.append(
-            {"model": f"zoo:mlp {kwargs}", "limit": limit, "batchprobe": ours, "lightning": theirs}
-        )
+        runs = {
+            "batchprobe (default)": _child(OURS, kwargs, limit),
+            "batchprobe doubling": _child(OURS, kwargs, limit, "doubling"),
+        }
+        if have_lightning:
+            runs["lightning binsearch"] = _child(LIGHTNING, kwargs, limit)
+        rows.append({"model": f"zoo:mlp {kwargs}", "limit": limit, **runs})
         print(f"  zoo:mlp {kwargs}, limit baseline + {extra / 2**30:.1f} GiB")
-        for name, r in (("batchprobe", ours), ("lightning binsearch", theirs)):
+        for name, r in runs.items():
             if "error" in r:
-                print(f"    {name:<20} failed: {r['error']}")
+                print(f"    {name:<22} failed: {r['error']}")
                 continue
-            tested = "tested" if r["max"] in r["trials"] else "NEVER TESTED"
+            tested = "tested" if r["max"] in r["trials"] or r["max"] == 1 else "NEVER TESTED"
             print(
-                f"    {name:<20} max {r['max']!s:>6} ({tested})  {len(r['trials']):>2} trials  "
+                f"    {name:<22} max {r['max']!s:>6} ({tested})  {len(r['trials']):>2} trials  "
                 f"{r['seconds']:6.1f} s  trials: {r['trials']}"
             )
     return rows
@@ -229,25 +299,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="two cases only")
+    parser.add_argument(
+        "--quick", action="store_true", help="one case under the address-space limit"
+    )
     parser.add_argument("--lightning-only", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     rows: dict[str, list] = {}
     if not args.lightning_only:
-        cases = CASES[:2] if args.quick else CASES
-        print("Real probes and wall time per strategy (CPU backend, budget as given):")
-        rows["strategies"] = part1(cases)
-        totals = {s: sum(r["results"][s][2] for r in rows["strategies"]) for s in STRATEGIES}
-        times = {s: sum(r["results"][s][3] for r in rows["strategies"]) for s in STRATEGIES}
-        n = len(rows["strategies"])
-        print(
-            "mean probes: "
-            + ", ".join(f"{s} {totals[s] / n:.1f}" for s in STRATEGIES)
-            + "; total time: "
-            + ", ".join(f"{s} {times[s]:.1f} s" for s in STRATEGIES)
-        )
-    rows["lightning"] = part2()
+        print("Real probes (warm-up at batch 1 not counted) and wall time, tracing included:")
+        rows["strategies"] = part1(CASES)
+        for s in STRATEGIES:
+            probes = sorted(r["results"][s]["probes"] for r in rows["strategies"])
+            seconds = sum(r["results"][s]["seconds"] for r in rows["strategies"])
+            print(
+                f"  {s:<9} median probes {probes[len(probes) // 2]:>2}, max {probes[-1]:>2}, "
+                f"total {seconds:6.1f} s"
+            )
+        worse = [
+            r["case"]
+            for r in rows["strategies"]
+            if r["results"]["estimate"]["probes"] > r["results"]["doubling"]["probes"]
+        ]
+        print(f"  estimate takes more probes than doubling on: {worse or 'no case'}")
+    rows["lightning"] = part2(quick=args.quick)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2, default=str))
 

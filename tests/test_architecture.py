@@ -17,7 +17,7 @@ PACKAGE = ROOT / "batchprobe"
 
 # Layers, bottom first: a module may import its own layer and those below, never above.
 LAYERS: list[list[str]] = [
-    ["errors", "units", "launcher", "gpus"],
+    ["errors", "units", "launcher", "gpus", "backends.hostmem"],
     ["search", "planning"],
     ["backends"],  # the registry alone (no torch)
     ["spec"],
@@ -38,6 +38,7 @@ TORCH_FREE = [
     "batchprobe.planning",
     "batchprobe.results",
     "batchprobe.backends",
+    "batchprobe.backends.hostmem",
     "batchprobe.report.json",
     "batchprobe.report.find_max",
     "batchprobe.report.plan",

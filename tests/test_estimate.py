@@ -195,10 +195,24 @@ def test_estimate_cli_fallback_reports_provenance() -> None:
 
 def test_unknown_gpu_is_bad_input() -> None:
     result = runner.invoke(
-        app, ["estimate", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--gpu", "h100"]
+        app, ["estimate", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--gpu", "h10"]
     )
     assert result.exit_code == 2
-    assert "estimate.gpu: unknown GPU 'h100'; did you mean" in result.stderr
+    assert "estimate.gpu: unknown GPU 'h10'; did you mean h100-80gb" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("typed", "key"),
+    [
+        ("h100", "h100-80gb"),
+        ("H100_80GB", "h100-80gb"),
+        ("rtx4090", "rtx-4090"),
+        ("a100", "a100-80gb"),
+    ],
+)
+def test_gpu_shorthands_resolve(typed: str, key: str) -> None:
+    gpu = lookup(typed)
+    assert gpu is not None and gpu.key == key
 
 
 def test_device_names_match_the_table() -> None:
@@ -245,3 +259,31 @@ def test_gpu_attention_trace_survives_activation_checkpointing() -> None:
     cpu = Tracer(spec, Allowance()).trace(4).peak_bytes
     gpu = Tracer(spec, Allowance(flash_attention=True)).trace(4).peak_bytes
     assert gpu < cpu
+
+
+LSTM = ["--model", "zoo:lstm", "--set", "model.kwargs={hidden: 128, embed: 64}", "--set", "inputs.seq_len=64"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_estimate_on_this_device_checks_the_trace_with_one_probe() -> None:
+    """The target is the device here: one real probe at the estimated max says whether the trace
+    holds. An LSTM's oneDNN workspace is invisible to the trace: the probe fails and says which
+    op; --no-verify leaves the device alone."""
+    args = ["estimate", *LSTM, "--device", "cpu", "--memory-budget", "96MiB", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    check, probe = data["trace_check"], data["verify_probe"]
+    assert probe["batch_size"] == check["batch_size"] == data["max_batch_size"]
+    assert probe["outcome"] == "oom" and check["ratio"] > 2 and "rnn" in check["op"]
+    human = runner.invoke(app, args[:-1])
+    assert "does not fit" in human.stdout and "under-counted" in human.stdout
+    skipped = json.loads(runner.invoke(app, [*args, "--no-verify"]).stdout)
+    assert "trace_check" not in skipped and "verify_probe" not in skipped
+    # where the trace is right, the probe fits and says so
+    quick = ["estimate", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--device", "cpu"]
+    agreed = json.loads(runner.invoke(app, [*quick, "--json"]).stdout)
+    assert (
+        agreed["verify_probe"]["outcome"] == "fit"
+        and abs(agreed["trace_check"]["ratio"] - 1) < 0.02
+    )

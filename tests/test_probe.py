@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from batchprobe.probe import classify, run_probe
-from batchprobe.search import Outcome
+from batchprobe.search import Observation, Outcome, search
 from batchprobe.units import MemorySize
 
 from helpers import budget_for, peak_at, session
@@ -231,3 +231,38 @@ def test_real_host_allocator_failure_is_an_oom(tmp_path) -> None:
     outcome, kind, small = __import__("json").loads(done.stdout.strip().splitlines()[-1])
     assert (outcome, kind) == ("oom", "host")
     assert small == "fit"  # the process survived and keeps probing
+
+
+@pytest.mark.slow
+def test_a_wrong_trace_is_said_and_costs_no_more_than_doubling() -> None:
+    """On the CPU an LSTM runs oneDNN's kernel, whose workspace a fake-tensor trace does not
+    see: the trace is several times under. The search says so at the first probe, names the
+    op, learns from the failures, and takes no more probes than doubling to the same answer."""
+    s = session(
+        "zoo:lstm",
+        budget="96MiB",
+        model={"kwargs": {"hidden": 128, "embed": 64}},
+        inputs={"seq_len": 64},
+    )
+    result = s.search()
+    assert result.search.exact and result.max_batch_size is not None
+    check = result.trace_check
+    assert check is not None and check.ratio > 2, check
+    assert check.op is not None and "rnn" in check.op, check
+    assert "under-counted" in check.describe() and check.op in check.describe()
+    assert check.to_dict()["measured_bytes"] > check.to_dict()["traced_bytes"]
+    assert 0 < result.trace_seconds <= result.seconds
+    # a failure under the budget says what was live and what it needed
+    budget = s.backend.budget_bytes
+    assert budget is not None
+    failed = [p for p in result.probes if p.outcome is Outcome.OOM]
+    assert failed and all(p.need_bytes and p.need_bytes > budget for p in failed), failed
+    assert all(p.live_bytes is not None and p.live_bytes <= budget for p in failed), failed
+    # doubling, told the same outcomes, to the same boundary
+    best = result.max_batch_size
+    plain = search(
+        lambda b: Observation(Outcome.FIT if b <= best else Outcome.OOM), strategy="doubling"
+    )
+    assert plain.best == best
+    ran = [p for p in result.probes if not p.reused]
+    assert len(ran) <= plain.num_probes - 1, [p.batch_size for p in ran]  # batch 1: warm-up

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from batchprobe.search import Observation, Outcome, search, summarize
+from batchprobe.search import Line, Observation, Outcome, Prior, search, summarize
 
 
 def sizes(result) -> list[int]:
@@ -107,25 +109,118 @@ def test_summarize_partial_run() -> None:
     assert result.best == 2 and not result.exact and result.stopped == "interrupted"
 
 
-def test_seeded_search_from_a_right_guess_takes_two_probes() -> None:
-    from batchprobe.search import seeded
+class Device:
+    """Memory F + S*b against a limit; a step allocates its per-sample memory in `k` tensors,
+    so a failure knows what was live and what it asked for, as an allocator's message says."""
 
-    def run(guess: int, boundary: int) -> list[int]:
-        gen = seeded(guess, cap=65536)
-        tried = []
-        b = next(gen)
-        try:
-            while True:
-                tried.append(b)
-                b = gen.send(Observation(Outcome.FIT if b <= boundary else Outcome.OOM))
-        except StopIteration:
-            return tried
+    def __init__(self, fixed: float, per_sample: float, limit: int, k: int = 8) -> None:
+        self.fixed, self.per_sample, self.limit, self.k = fixed, per_sample, limit, k
 
-    assert run(37, 37) == [37, 38]
-    assert run(40, 37) == [40, 39, 37, 38]  # steps down by 1, 2, then bisects
-    assert run(30, 37) == [30, 31, 33, 37, 45, 41, 39, 38]
-    assert run(5, 1) == [5, 4, 2, 1]
-    assert run(3, 0) == [3, 2, 1]
+    def __call__(self, b: int) -> Observation:
+        line = self.fixed + self.per_sample * b
+        if line <= self.limit:
+            return Observation(Outcome.FIT, int(line), int(line))
+        request, live = self.per_sample / self.k * b, self.fixed
+        while live + request <= self.limit:
+            live += request
+        return Observation(Outcome.OOM, live_bytes=int(live), need_bytes=int(live + request))
+
+    def boundary(self) -> int:
+        return max(0, math.floor((self.limit - self.fixed) / self.per_sample))
+
+
+def _run(device: Device, strategy: str, limit: int, prior: Prior | None = None) -> list[int]:
+    """Probes a search runs, given the warm-up at batch 1 (measured before it, as a session
+    does: batch 1 is answered by it and not run again)."""
+    warm = device(1)
+    seen = [(1, warm)] if warm.outcome is Outcome.FIT else []
+    result = search(device, strategy=strategy, limit_bytes=limit, prior=prior, seen=seen)
+    assert result.best == (device.boundary() or None) and result.exact, result.probes
+    return [b for b, _ in result.probes if not (b == 1 and seen)]
+
+
+def test_a_right_prior_takes_two_probes() -> None:
+    for boundary in (5, 37, 498, 5000):
+        device = Device(16e6, 4.7e6, int(16e6 + 4.7e6 * (boundary + 0.5)))
+        prior = Prior(Line(16e6, 4.7e6))
+        assert _run(device, "estimate", device.limit, prior) == [boundary, boundary + 1]
+
+
+CASES = [
+    (fixed, per_sample, boundary, error, limit_error)
+    for fixed, per_sample in [(16e6, 4.7e6), (2e9, 50e6), (100e6, 1e6), (500e6, 0.2e6)]
+    for boundary in (3, 5, 13, 63, 200, 498, 1500)
+    for error in (1.0, 0.25, 0.5, 2.0, 8.0)  # the trace's per-sample bytes, times the truth
+    for limit_error in (1.0, 1.5, 3.0)  # the limit the search is told, times the real one
+]
+
+
+def test_learning_is_never_worse_than_doubling() -> None:
+    """Whatever the prior's error (a trace 4x under to 8x over) or the limit's (a limit the
+    tool cannot see, a third of the one it was told), the default strategy takes no more
+    probes than doubling, and few when the prior is right."""
+    counts: dict[tuple[float, float], list[int]] = {}
+    for fixed, per_sample, boundary, error, limit_error in CASES:
+        device = Device(fixed, per_sample, int(fixed + per_sample * (boundary + 0.5)))
+        told = int(device.limit * limit_error)
+        prior = Prior(Line(fixed, per_sample * error))
+        ours = _run(device, "estimate", told, prior)
+        plain = _run(device, "doubling", told)
+        # doubling reaches a boundary below 8 in 4 probes or less; a first probe at a wrong
+        # estimate, and the bisection down from it, may cost up to three more there
+        slack = 0 if boundary >= 8 else 3
+        assert len(ours) <= len(plain) + slack, (fixed, per_sample, boundary, error, ours)
+        counts.setdefault((error, limit_error), []).append(len(ours))
+    assert max(counts[(1.0, 1.0)]) == 2
+    # a per-sample error alone costs one or two probes more
+    assert all(max(counts[(e, 1.0)]) <= 4 for e in (0.25, 0.5, 2.0, 8.0))
+
+
+def test_a_failed_allocation_teaches_the_limit() -> None:
+    # told 3x the real limit (another process, a cgroup): failures say where it really is
+    device = Device(100e6, 1e6, int(100e6 + 1e6 * 200.5))
+    prior = Prior(Line(100e6, 1e6))
+    ours = _run(device, "estimate", 3 * device.limit, prior)
+    blind = [Observation(o.outcome, o.peak_bytes, o.line_bytes) for o in map(device, ours)]
+    assert all(o.outcome is not Outcome.FIT for o in blind[:1])
+    assert len(ours) < len(_run(device, "doubling", device.limit)) - 3
+
+
+def test_the_trace_is_checked_against_what_was_measured_before() -> None:
+    # the warm-up at batch 1 measured 4x the prior's per-sample bytes: the first probe goes
+    # where the corrected line meets the limit, not where the trace said
+    device = Device(16e6, 4.7e6, int(16e6 + 4.7e6 * 63.5))
+    prior = Prior(Line(16e6, 0.6e6), points=((1, int(16e6 + 0.6e6)),))
+    assert _run(device, "estimate", device.limit, prior) == [63, 64]
+
+
+class TwoPhaseDevice(Device):
+    """Forward/backward memory F + S*b, and an optimizer step whose own peak (parameters,
+    gradients, state and the batch still alive) is nearly flat and sets the peak at small b."""
+
+    def __init__(self, flat: Line, line: Line, limit: int) -> None:
+        super().__init__(line.fixed, line.per_sample, limit)
+        self.flat = flat
+
+    def __call__(self, b: int) -> Observation:
+        line, flat = self.fixed + self.per_sample * b, self.flat.at(b)
+        if max(line, flat) <= self.limit:
+            return Observation(Outcome.FIT, int(max(line, flat)), int(line), flat_bytes=int(flat))
+        return Observation(Outcome.OOM, need_bytes=int(max(line, flat)))
+
+    def boundary(self) -> int:
+        return min(
+            super().boundary(), math.floor((self.limit - self.flat.fixed) / self.flat.per_sample)
+        )
+
+
+def test_an_optimizer_step_that_sets_the_peak_is_followed_too() -> None:
+    # the forward/backward line meets the limit at ~960; the optimizer step's peak, which grows
+    # a little with the batch, meets it at 23: the first probe is there
+    flat, line = Line(5.9e6, 3e3), Line(3e6, 3e3)
+    device = TwoPhaseDevice(flat, line, int(flat.at(23.5)))
+    assert device.boundary() == 23
+    assert _run(device, "estimate", device.limit, Prior(line, flat)) == [23, 24]
 
 
 def test_a_size_tried_again_counts_as_its_latest_outcome() -> None:

@@ -30,12 +30,19 @@ class MemoryFigures:
     phase_peaks: dict[str, int] = field(default_factory=dict)
     #: allocator retries (cudaMalloc failures answered by freeing the cache) in each step
     step_retries: list[int] = field(default_factory=list)
+    #: bytes each op's outputs took (a backend that sees ops: the CPU's ledger)
+    op_bytes: dict[str, int] | None = None
 
     @property
     def line_bytes(self) -> int | None:
         """Peak of the phases that grow with the batch (forward, backward), if known."""
         values = [self.phase_peaks[p] for p in ("forward", "backward") if p in self.phase_peaks]
         return max(values) if values else None
+
+    @property
+    def flat_bytes(self) -> int | None:
+        """Peak of the optimizer step, if known."""
+        return self.phase_peaks.get("optimizer")
 
 
 class Meter(Protocol):
@@ -54,6 +61,11 @@ class Meter(Protocol):
 
     def close(self) -> None:
         """Release what the meter holds; call after `retained_bytes()`."""
+        ...
+
+    def failed_allocation(self) -> tuple[str, int, int | None] | None:
+        """After a failure: the op that failed, the bytes live before it and what it asked for
+        (None: the backend did not see it; the allocator's message may say)."""
         ...
 
 

@@ -1,7 +1,10 @@
 """CPU backend: live tensor bytes from the storage ledger, and a budget that raises real OOMs.
 
-A budget is always in force on CPU (default: half the RAM available at start), so probing never
-wakes the operating system's OOM killer.
+Capacity is the memory the process can still take: the least headroom among the RAM available,
+its cgroup's limits and its rlimits (`hostmem`), named in the device's details. A budget is
+always in force on CPU, so probing never wakes the operating system's OOM killer: by default half
+that headroom, or all of it when an rlimit binds (going over an rlimit fails the allocation,
+which a probe catches as an OOM, instead of killing the process).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import torch
 
 from batchprobe.backends.base import Math, MemoryFigures
+from batchprobe.backends.hostmem import HostLimit, binding, host_limits
 from batchprobe.memory import StorageLedger, TrackingMode
 from batchprobe.results import Allowance, DeviceInfo
 from batchprobe.spec import EstimateSpec, Precision, TrainSpec
@@ -68,6 +72,9 @@ class CpuMeter:
         persistent storage the probe freed (FSDP, for one, replaces buffers between steps)."""
         return max(0, self.ledger.live_bytes - self.figures.start_bytes)
 
+    def failed_allocation(self) -> tuple[str, int, int | None] | None:
+        return self.ledger.failed
+
     def close(self) -> None:
         self.ledger.close()
 
@@ -77,10 +84,20 @@ class CpuBackend:
 
     def __init__(self, index: int | None = None, local_rank: int | None = None) -> None:
         self.device = torch.device("cpu")
-        self.free_bytes_at_start: int | None = available_ram_bytes()
-        self.capacity_bytes = self.free_bytes_at_start or 0
-        self.budget_bytes: int | None = int(DEFAULT_BUDGET_FRACTION * self.capacity_bytes)
+        self.limit: HostLimit | None = binding(host_limits())
+        if self.limit is None:  # no /proc: the physical memory
+            self.limit = HostLimit("physical memory", available_ram_bytes(), 0)
+        self.free_bytes_at_start: int | None = self.limit.headroom_bytes
+        self.capacity_bytes = self.limit.headroom_bytes
+        self.budget_bytes: int | None = self.default_budget()
         self.budget_is_default = True
+
+    def default_budget(self) -> int:
+        """All the headroom under an rlimit (its failures are caught), else half of it."""
+        assert self.limit is not None
+        if self.limit.catchable:
+            return self.capacity_bytes
+        return int(DEFAULT_BUDGET_FRACTION * self.capacity_bytes)
 
     # -- what the class answers before a device is opened -----------------------------------
     @staticmethod
@@ -118,14 +135,14 @@ class CpuBackend:
             torch_version=torch.__version__,
             details={
                 "threads": torch.get_num_threads(),
-                "capacity": "RAM available at start (MemAvailable)",
+                "capacity": self.limit.label if self.limit else "RAM available at start",
                 "memory": "live tensor bytes (storage ledger)",
             },
         )
 
     def set_budget(self, budget: MemorySize | None) -> int | None:
         if budget is None:
-            self.budget_bytes = int(DEFAULT_BUDGET_FRACTION * self.capacity_bytes)
+            self.budget_bytes = self.default_budget()
             self.budget_is_default = True
         else:
             self.budget_bytes = budget.resolve(self.capacity_bytes)
@@ -134,7 +151,7 @@ class CpuBackend:
 
     @contextmanager
     def track(self, persistent: Sequence[torch.Tensor]) -> Iterator[CpuMeter]:
-        ledger = StorageLedger(budget_bytes=self.budget_bytes)
+        ledger = StorageLedger(budget_bytes=self.budget_bytes, by_op={})
         ledger.mark(persistent, "parameters")
         meter = CpuMeter(ledger)
         try:
@@ -143,6 +160,7 @@ class CpuBackend:
         finally:
             meter.figures.peak_bytes = ledger.peak_bytes
             meter.figures.phase_peaks = dict(ledger.phase_peaks)
+            meter.figures.op_bytes = dict(ledger.by_op or {})
 
     def synchronize(self) -> None:
         return None

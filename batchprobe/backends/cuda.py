@@ -75,6 +75,9 @@ class CudaMeter:
     def close(self) -> None:
         return None
 
+    def failed_allocation(self) -> tuple[str, int, int | None] | None:
+        return None  # the caching allocator's message says what was allocated and asked for
+
     def phase(self, name: str) -> None:
         self.close_phase()
         if name == "forward":  # a step begins: close the previous step's retry count

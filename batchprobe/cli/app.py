@@ -220,20 +220,33 @@ def estimate_cmd(
     context: Annotated[str | None, spec_flag("context", "--context")] = None,
     device: DeviceOpt = None,
     memory_budget: BudgetOpt = None,
+    input_shape: InputOpt = None,
+    seq_len: SeqLenOpt = None,
+    vocab_size: VocabOpt = None,
+    num_classes: ClassesOpt = None,
     precision: PrecisionOpt = None,
     optimizer: OptimizerOpt = None,
+    no_verify: Annotated[
+        bool,
+        typer.Option(
+            "--no-verify",
+            help="Without --gpu/--capacity, skip the one real probe at the estimated max that "
+            "checks the trace on this device.  \\[spec: estimate.verify]",
+        ),
+    ] = False,
     json_: JsonOpt = False,
     output: OutputOpt = None,
 ) -> None:
     """Memory of full training steps traced with fake tensors (no compute, no device memory), its breakdown, and the largest batch that fits a GPU of a given capacity.
 
-    Without --gpu/--capacity the target is the configured device (on CPU: its budget, and the estimate equals what find-max measures). Where the model cannot be traced, says which op and falls back to real probes.
+    Without --gpu/--capacity the target is the configured device (on CPU: its budget, and the estimate equals what find-max measures), and one real probe at the estimated max checks the trace there (--no-verify skips it). Where the model cannot be traced, says which op and falls back to real probes.
     """
     out = Out(json_)
     with handled(out, "estimate"):
         from batchprobe.flows import estimate
 
-        spec = _spec(config, set_, flag_values(locals()))
+        sets = [*(set_ or []), *(["estimate.verify=false"] if no_verify else [])]
+        spec = _spec(config, sets, flag_values(locals()))
         with LiveProgress(out.err, None) as progress:
             run = estimate.run(spec, progress)
         source = spec.model.source
@@ -257,6 +270,12 @@ def check_cmd(
     device: DeviceOpt = None,
     memory_budget: BudgetOpt = None,
     model: ModelOpt = None,
+    input_shape: InputOpt = None,
+    seq_len: SeqLenOpt = None,
+    vocab_size: VocabOpt = None,
+    num_classes: ClassesOpt = None,
+    precision: PrecisionOpt = None,
+    optimizer: OptimizerOpt = None,
     baseline: Annotated[
         Path | None,
         typer.Option(

@@ -8,13 +8,15 @@ the wrong machine.
 
 from __future__ import annotations
 
+import dataclasses
+
 from batchprobe.backends import backend_class, get_backend
 from batchprobe.errors import DeviceError
 from batchprobe.estimate import TraceError, estimate
 from batchprobe.flows.progress import Progress
 from batchprobe.gpus import lookup
 from batchprobe.results import Allowance, EstimateRun
-from batchprobe.session import open_session
+from batchprobe.session import apply_budget, check_trace, open_session
 from batchprobe.spec import Spec
 from batchprobe.units import format_bytes
 
@@ -32,7 +34,7 @@ def target(spec: Spec) -> tuple[str, int, Allowance]:
         what = f"a GPU with {format_bytes(e.capacity)}"
         return what, int(e.capacity), backend_class("cuda").allowance(e)
     backend = get_backend(spec.probe.device)
-    backend.set_budget(spec.probe.memory_budget)
+    apply_budget(spec, backend)
     return backend.estimate_target(e)
 
 
@@ -57,4 +59,23 @@ def run(spec: Spec, progress: Progress | None = None) -> EstimateRun:
             ) from None
         result.trace_error = exc.failure
         result.fallback = open_session(spec).search(progress=progress)
+        return result
+    here = spec.estimate.gpu is None and spec.estimate.capacity is None
+    best = result.result.max_batch_size
+    if here and spec.estimate.verify and best is not None:
+        verify(spec, result, best, progress)
     return result
+
+
+def verify(spec: Spec, run: EstimateRun, best: int, progress: Progress) -> None:
+    """One real probe at the estimated max on the device the estimate is for, and the trace
+    against it: what was traced there, what the probe measured."""
+    assert run.result is not None
+    point = next(p for p in run.result.points if p.batch_size == best)
+    session = open_session(spec)
+    progress.probe_started(best)
+    probe = session.probe(best)
+    progress.probe_done(probe)
+    run.verify_probe = probe
+    check = check_trace(point.device_bytes, probe, lambda: point.op_bytes)
+    run.verified = None if check is None else dataclasses.replace(check, corrected=False)

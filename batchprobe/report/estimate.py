@@ -9,6 +9,7 @@ from rich.text import Text
 
 from batchprobe.report.format import byte_unit, num
 from batchprobe.results import EstimateRun
+from batchprobe.search import Outcome
 from batchprobe.units import format_bytes, format_seconds
 
 
@@ -82,6 +83,19 @@ def estimate_summary(run: EstimateRun, source: str) -> Panel:
         elif result.search.exact:
             text.append(f"  (traced: {best} fits, {best + 1} does not)", style="dim")
     text.append("\n")
+    probe = run.verify_probe
+    if probe is not None:
+        fits = probe.outcome is Outcome.FIT
+        text.append("Checked with one real probe: ", style="bold")
+        text.append(
+            f"{best} {'fits' if fits else 'does not fit'}",
+            style="green" if fits else "bold red",
+        )
+        if run.verified is not None:
+            text.append(f"; {run.verified.describe()}")
+        if not fits:
+            text.append(" — run find-max for the measured answer")
+        text.append("\n")
     text.append(f"Allowance for what the trace cannot see: {result.allowance.describe()}\n")
     if result.allowance.context_bytes or result.allowance.fragmentation:
         text.append(

@@ -10,7 +10,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from batchprobe.report.format import OUTCOME_STYLE, percent
+from batchprobe.report.format import OUTCOME_STYLE, percent, plural
 from batchprobe.results import FindMaxResult, ProbeResult
 from batchprobe.search import Outcome
 from batchprobe.units import format_bytes, format_seconds
@@ -107,8 +107,10 @@ def find_max_summary(result: FindMaxResult, source: str) -> Panel:
                 f"  = {percent(peak, result.limit_bytes)} of the {limit_label(result)} "
                 f"({format_bytes(result.limit_bytes)})"
             )
+        set_by = info.details.get("capacity")
         lines.append(
-            f"; {percent(peak, info.capacity_bytes)} of capacity ({format_bytes(info.capacity_bytes)})\n"
+            f"; {percent(peak, info.capacity_bytes)} of capacity "
+            f"({format_bytes(info.capacity_bytes)}{f', set by {set_by}' if set_by else ''})\n"
         )
     lines.append(f"Model: {source}\n", style="dim")
     lines.append(
@@ -117,11 +119,20 @@ def find_max_summary(result: FindMaxResult, source: str) -> Panel:
         style="dim",
     )
     started = f", from the fake-tensor estimate {result.guess}" if result.guess is not None else ""
+    ran = sum(1 for p in result.probes if not p.reused)
+    reused = len(result.probes) - ran
+    earlier = f" + {reused} answered by steps already measured" if reused else ""
+    traced = (
+        f" (tracing {format_seconds(result.trace_seconds)})" if result.trace_seconds >= 0.05 else ""
+    )
     lines.append(
-        f"{len(result.probes)} probes ({result.strategy} search{started}) in "
-        f"{format_seconds(result.seconds)}",
+        f"{plural(ran, 'probe')}{earlier} ({result.strategy} search{started}) in "
+        f"{format_seconds(result.seconds)}{traced}",
         style="dim",
     )
+    if result.trace_check is not None:
+        check = result.trace_check
+        lines.append("\n" + check.describe(), style="dim" if check.agreed else "yellow")
     if result.interrupted:
         lines.append("\nInterrupted: results so far.", style="yellow")
     parts: list[Any] = [lines]

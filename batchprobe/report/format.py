@@ -61,3 +61,8 @@ def lr_text(x: float | None) -> str:
         return f"{x:.3g}"
     mantissa, exponent = f"{x:.1e}".split("e")
     return f"{mantissa}e{int(exponent)}"
+
+
+def plural(n: int, word: str) -> str:
+    """ "1 probe", "3 probes"."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

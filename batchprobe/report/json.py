@@ -57,6 +57,8 @@ def find_max_json(result: FindMaxResult, source: str) -> dict[str, Any]:
         "seconds": round(result.seconds, 4),
         "strategy": result.strategy,
         "estimated_max_batch_size": result.guess,
+        "trace_check": result.trace_check.to_dict() if result.trace_check else None,
+        "trace_seconds": round(result.trace_seconds, 4),
         "model": source,
         "provenance": "measured",
         "interrupted": result.interrupted,
@@ -158,6 +160,10 @@ def estimate_json(run: EstimateRun, source: str) -> dict[str, Any]:
                 "provenance": "estimated: fake-tensor trace of full training steps",
             }
         )
+        if run.verified is not None:
+            out["trace_check"] = run.verified.to_dict()
+        if run.verify_probe is not None:
+            out["verify_probe"] = run.verify_probe.to_dict()
     else:
         err = run.trace_error
         fm = run.fallback

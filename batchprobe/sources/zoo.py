@@ -148,6 +148,29 @@ class GPT(_Checkpointable):
         return self.lm_head(self.ln_f(self.run_blocks(x)))
 
 
+class LSTMClassifier(nn.Module):
+    """Recurrent sequence classifier: token embedding -> stacked LSTM -> the last step's state
+    -> num_classes. On the CPU its LSTM runs oneDNN's kernel, whose workspace a fake-tensor trace
+    does not see: the model on which a trace is most wrong."""
+
+    def __init__(
+        self,
+        vocab_size: int = 1000,
+        embed: int = 128,
+        hidden: int = 256,
+        num_layers: int = 2,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed)
+        self.lstm = nn.LSTM(embed, hidden, num_layers=num_layers, batch_first=True)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embed(ids))
+        return self.head(out[:, -1])
+
+
 class LinearRegression(nn.Module):
     """y = w.x: the model of the noise-scale example (its gradient noise is known exactly)."""
 
@@ -203,6 +226,17 @@ ZOO: dict[str, ZooEntry] = {
         ),
         "cross_entropy",
         "decoder-only transformer (vocab_size, block_size, n_layer, n_head, n_embd, dropout)",
+    ),
+    "lstm": ZooEntry(
+        LSTMClassifier,
+        lambda kw: InputDefaults(
+            kind="tokens",
+            seq_len=128,
+            vocab_size=_kw(kw, LSTMClassifier, "vocab_size"),
+            num_classes=_kw(kw, LSTMClassifier, "num_classes"),
+        ),
+        "cross_entropy",
+        "LSTM sequence classifier, 128 tokens (vocab_size, embed, hidden, num_layers, num_classes)",
     ),
     "linreg": ZooEntry(
         LinearRegression,

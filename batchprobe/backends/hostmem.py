@@ -1,0 +1,187 @@
+"""The memory this process can still take on the host: the smallest of every limit the kernel
+enforces on it. No torch.
+
+Four kinds of limit can bind on Linux, each read from the files the kernel exports:
+
+- **RAM**: `MemAvailable` in /proc/meminfo (memory the kernel can hand out without swapping).
+- **cgroup v2** (containers, CI runners, systemd slices): `memory.max` less `memory.current`, at the
+  process's cgroup and every ancestor (a parent's limit holds its children); `memory.high` too,
+  where the kernel throttles hard. Exceeding `memory.max` wakes the OOM killer: not catchable.
+- **cgroup v1**: `memory.limit_in_bytes` less usage, where usage leaves out inactive page cache
+  (`total_inactive_file`, which the kernel reclaims first). Values of 2^60 and above mean none.
+- **rlimits** (`ulimit -v`, `prlimit --as`, `--data`): `RLIMIT_AS` less the address space in use
+  (`VmSize`), `RLIMIT_DATA` less `VmData`. Exceeding one fails the allocation (ENOMEM), which
+  PyTorch raises as "DefaultCPUAllocator: can't allocate memory": catchable, an OOM outcome.
+
+Paths are discovered from /proc/self/mountinfo and /proc/self/cgroup (a container's mount root is
+stripped from the cgroup path). Every reader takes a root directory, so tests give it a fake tree.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+#: cgroup v1 reports "no limit" as PAGE_COUNTER_MAX pages (0x7FFFFFFFFFFFF000)
+_V1_NONE = 1 << 60
+
+
+@dataclass(frozen=True)
+class HostLimit:
+    """One limit on the memory this process may take."""
+
+    label: str  # what sets it, in the words a user would look for
+    limit_bytes: int
+    used_bytes: int  # what counts against it now
+    #: going over it fails the allocation (an error the probe catches) rather than waking the
+    #: OOM killer
+    catchable: bool = False
+
+    @property
+    def headroom_bytes(self) -> int:
+        return max(0, self.limit_bytes - self.used_bytes)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _int(text: str | None) -> int | None:
+    return int(text) if text is not None and text.isdigit() else None
+
+
+def _status(proc: str, key: str) -> int | None:
+    for line in (_read(f"{proc}/self/status") or "").splitlines():
+        if line.startswith(key + ":"):
+            parts = line.split()
+            return int(parts[1]) * 1024 if len(parts) > 1 and parts[1].isdigit() else None
+    return None
+
+
+def _unescape(path: str) -> str:
+    return path.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+
+
+@dataclass(frozen=True)
+class _Mount:
+    root: str  # the mount's root inside the hierarchy
+    point: str  # where it is mounted
+    version: int  # 1 or 2
+    options: frozenset[str]
+
+
+def _mounts(proc: str) -> list[_Mount]:
+    mounts = []
+    for line in (_read(f"{proc}/self/mountinfo") or "").splitlines():
+        before, sep, after = line.partition(" - ")
+        fields, tail = before.split(), after.split()
+        if not sep or len(fields) < 5 or len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
+            continue
+        version = 2 if tail[0] == "cgroup2" else 1
+        mounts.append(
+            _Mount(
+                _unescape(fields[3]),
+                _unescape(fields[4]),
+                version,
+                frozenset(tail[2].split(",")),
+            )
+        )
+    return mounts
+
+
+def _leaf(mount: _Mount, path: str, sys_root: str) -> tuple[str, str]:
+    """The process's cgroup directory under `mount` (and the mount point), with `sys_root`
+    prefixed (a test's fake tree). A container's mount root is stripped from the path; a path
+    outside the namespace falls back to the mount point."""
+    root = mount.root.rstrip("/")
+    if root and (path == root or path.startswith(root + "/")):
+        path = path[len(root) :] or "/"
+    point = os.path.normpath(sys_root + mount.point)
+    leaf = os.path.normpath(point + "/" + path.lstrip("/"))
+    return (leaf if os.path.isdir(leaf) else point), point
+
+
+def _up(leaf: str, top: str) -> Iterator[str]:
+    d = leaf
+    while True:
+        yield d
+        if d == top or len(d) <= len(top):
+            return
+        d = os.path.dirname(d)
+
+
+def _cgroup_limits(proc: str, sys_root: str) -> list[HostLimit]:
+    limits: list[HostLimit] = []
+    mounts = _mounts(proc)
+    for line in (_read(f"{proc}/self/cgroup") or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # v2: "0::/path"
+            for mount in (m for m in mounts if m.version == 2):
+                leaf, top = _leaf(mount, path, sys_root)
+                for d in _up(leaf, top):
+                    if not os.path.exists(f"{d}/memory.max"):
+                        continue  # the memory controller is not enabled here
+                    used = _int(_read(f"{d}/memory.current")) or 0
+                    where = "/" + os.path.relpath(d, top).lstrip(".")
+                    for knob in ("memory.max", "memory.high"):
+                        limit = _int(_read(f"{d}/{knob}"))  # "max" is none
+                        if limit is not None:
+                            limits.append(HostLimit(f"cgroup {knob} ({where})", limit, used))
+                break
+        elif "memory" in controllers.split(","):  # v1: "N:memory:/path"
+            for mount in (m for m in mounts if m.version == 1 and "memory" in m.options):
+                leaf, top = _leaf(mount, path, sys_root)
+                for d in _up(leaf, top):
+                    limit = _int(_read(f"{d}/memory.limit_in_bytes"))
+                    if limit is None or limit >= _V1_NONE:
+                        continue
+                    usage = _int(_read(f"{d}/memory.usage_in_bytes")) or 0
+                    stat = {}
+                    for row in (_read(f"{d}/memory.stat") or "").splitlines():
+                        key, _, value = row.partition(" ")
+                        if value.isdigit():
+                            stat[key] = int(value)
+                    used = max(0, usage - stat.get("total_inactive_file", 0))
+                    where = "/" + os.path.relpath(d, top).lstrip(".")
+                    limits.append(HostLimit(f"cgroup memory.limit_in_bytes ({where})", limit, used))
+                break
+    return limits
+
+
+def host_limits(proc: str = "/proc", sys_root: str = "") -> list[HostLimit]:
+    """Every limit that holds this process, each with what counts against it now."""
+    limits = _cgroup_limits(proc, sys_root)
+    for name, key, label in (
+        ("RLIMIT_AS", "VmSize", "RLIMIT_AS (ulimit -v) less the address space in use"),
+        ("RLIMIT_DATA", "VmData", "RLIMIT_DATA (ulimit -d) less the data in use"),
+    ):
+        soft, _ = resource.getrlimit(getattr(resource, name))
+        used = _status(proc, key)
+        if soft != resource.RLIM_INFINITY and soft >= 0 and used is not None:
+            limits.append(HostLimit(label, soft, used, catchable=True))
+    meminfo: dict[str, int] = {}
+    for row in (_read(f"{proc}/meminfo") or "").splitlines():
+        key, _, rest = row.partition(":")
+        value = rest.split()
+        if value and value[0].isdigit():
+            meminfo[key] = int(value[0]) * 1024
+    if "MemAvailable" in meminfo:
+        total = meminfo.get("MemTotal", meminfo["MemAvailable"])
+        limits.append(
+            HostLimit("RAM available (MemAvailable)", total, total - meminfo["MemAvailable"])
+        )
+    return limits
+
+
+def binding(limits: list[HostLimit]) -> HostLimit | None:
+    """The limit with the least headroom: the one that sets how much this process can take."""
+    return min(limits, key=lambda x: x.headroom_bytes, default=None)

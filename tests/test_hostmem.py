@@ -1,0 +1,124 @@
+"""The host's memory limits, read from fake /proc and /sys trees and from a real rlimit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from batchprobe.backends.hostmem import binding, host_limits
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+def _tree(tmp_path: Path, files: dict[str, str]) -> tuple[str, str]:
+    for name, text in files.items():
+        path = tmp_path / name.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return str(tmp_path / "proc"), str(tmp_path)
+
+
+MEMINFO = f"MemTotal: {24 * GiB // 1024} kB\nMemAvailable: {20 * GiB // 1024} kB\n"
+
+
+def test_ram_alone(tmp_path: Path) -> None:
+    proc, root = _tree(tmp_path, {"/proc/meminfo": MEMINFO})
+    limit = binding(host_limits(proc, root))
+    assert limit is not None and limit.headroom_bytes == 20 * GiB
+    assert "MemAvailable" in limit.label and not limit.catchable
+
+
+def test_cgroup_v2_limit_of_an_ancestor_binds(tmp_path: Path) -> None:
+    # a container whose cgroup namespace root is /kubepods/pod1: the mount root is stripped
+    proc, root = _tree(
+        tmp_path,
+        {
+            "/proc/meminfo": MEMINFO,
+            "/proc/self/cgroup": "0::/kubepods/pod1/ctr\n",
+            "/proc/self/mountinfo": "30 23 0:26 /kubepods/pod1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n",
+            "/sys/fs/cgroup/ctr/memory.max": "max\n",
+            "/sys/fs/cgroup/ctr/memory.high": "max\n",
+            "/sys/fs/cgroup/ctr/memory.current": f"{1 * GiB}\n",
+            "/sys/fs/cgroup/memory.max": f"{4 * GiB}\n",
+            "/sys/fs/cgroup/memory.high": "max\n",
+            "/sys/fs/cgroup/memory.current": f"{1536 * MiB}\n",
+        },
+    )
+    limit = binding(host_limits(proc, root))
+    assert limit is not None and limit.headroom_bytes == 4 * GiB - 1536 * MiB
+    assert "memory.max" in limit.label
+
+
+def test_cgroup_v1_limit_leaves_out_reclaimable_cache(tmp_path: Path) -> None:
+    base = "/sys/fs/cgroup/memory/job"
+    proc, root = _tree(
+        tmp_path,
+        {
+            "/proc/meminfo": MEMINFO,
+            "/proc/self/cgroup": "4:memory:/job\n0::/\n",
+            "/proc/self/mountinfo": (
+                "35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+                "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
+            ),
+            f"{base}/memory.limit_in_bytes": f"{3 * GiB}\n",
+            f"{base}/memory.usage_in_bytes": f"{2 * GiB}\n",
+            f"{base}/memory.stat": f"cache 1\ntotal_inactive_file {GiB}\n",
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n",
+        },
+    )
+    limit = binding(host_limits(proc, root))
+    assert limit is not None and limit.headroom_bytes == 2 * GiB  # 3 - (2 - 1 inactive)
+    assert "limit_in_bytes" in limit.label and "/job" in limit.label
+
+
+def test_no_limit_sentinels_are_not_limits(tmp_path: Path) -> None:
+    proc, root = _tree(
+        tmp_path,
+        {
+            "/proc/meminfo": MEMINFO,
+            "/proc/self/cgroup": "4:memory:/\n",
+            "/proc/self/mountinfo": "35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n",
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n",
+        },
+    )
+    assert [x.label for x in host_limits(proc, root)] == ["RAM available (MemAvailable)"]
+
+
+CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    from batchprobe.backends import hostmem
+    from batchprobe.backends.cpu import CpuBackend
+    vm = hostmem._status("/proc", "VmSize")
+    resource.setrlimit(resource.RLIMIT_AS, (vm + int(sys.argv[1]), resource.RLIM_INFINITY))
+    backend = CpuBackend()
+    print(json.dumps({"capacity": backend.capacity_bytes, "budget": backend.budget_bytes,
+                      "label": backend.info().details["capacity"]}))
+    """
+)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_a_real_address_space_limit_sets_capacity_and_budget() -> None:
+    """Under RLIMIT_AS (ulimit -v, prlimit --as) capacity is what is left of it, not half the
+    RAM; going over it fails an allocation (caught as an OOM), so the default budget is all of
+    it."""
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(768 * MiB)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "RLIMIT_AS" in got["label"]
+    # the limit was set after torch was imported: what is left is about the 768 MiB given
+    assert 512 * MiB < got["capacity"] <= 768 * MiB
+    assert got["budget"] == got["capacity"]
