@@ -72,17 +72,44 @@ GPUS: tuple[Gpu, ...] = (
 )  # fmt: skip
 
 
+#: what people type for a card, where it names the usual variant
+SHORTHANDS = {
+    "h100": "h100-80gb",
+    "h100-sxm": "h100-80gb",
+    "a100": "a100-80gb",
+    "v100": "v100-32gb",
+    "a6000": "rtx-a6000",
+    "6000-ada": "rtx-6000-ada",
+    "4090": "rtx-4090",
+    "3090": "rtx-3090",
+}
+
+
+def _norm(key: str) -> str:
+    return key.strip().lower().replace("_", "-").replace(" ", "-")
+
+
+def _bare(key: str) -> str:
+    return "".join(c for c in key.lower() if c.isalnum())
+
+
 def lookup(key: str) -> Gpu | None:
-    """By the key users type (`h100-80gb`, case and punctuation tolerant)."""
-    norm = key.strip().lower().replace("_", "-").replace(" ", "-")
+    """By the key users type: `h100-80gb`, case and punctuation tolerant (`H100_80GB`,
+    `rtx4090`), and the usual shorthands (`h100` is the 80 GB SXM card, `a100` the 80 GB)."""
+    norm = _norm(key)
+    norm = SHORTHANDS.get(norm, SHORTHANDS.get(_bare(norm), norm))
     for gpu in GPUS:
-        if gpu.key == norm:
+        if gpu.key == norm or _bare(gpu.key) == _bare(norm):
             return gpu
     return None
 
 
 def suggest(key: str) -> list[str]:
-    return difflib.get_close_matches(key.lower(), [g.key for g in GPUS], n=3, cutoff=0.4)
+    """Close keys: those that start with what was typed, then spelling neighbours."""
+    norm = _norm(key)
+    starts = [g.key for g in GPUS if g.key.startswith(norm) or _bare(g.key).startswith(_bare(norm))]
+    close = difflib.get_close_matches(norm, [g.key for g in GPUS], n=3, cutoff=0.4)
+    return list(dict.fromkeys([*starts, *close]))[:4]
 
 
 def match_device_name(name: str) -> Gpu | None:

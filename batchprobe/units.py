@@ -35,10 +35,12 @@ def parse_bytes(text: str | int | float) -> int:
     if isinstance(text, int):
         if text < 0:
             raise ValueError("a size cannot be negative")
+        _not_absurd(text, text)
         return text
     if isinstance(text, float):
         if not math.isfinite(text) or text < 0 or text != int(text):
             raise ValueError("a size in bytes must be a whole, non-negative number")
+        _not_absurd(text, text)
         return int(text)
     match = _SIZE_RE.match(text)
     if not match:
@@ -52,7 +54,17 @@ def parse_bytes(text: str | int | float) -> int:
     value = float(number) * factor
     if not math.isfinite(value):
         raise ValueError(f"{text!r} is not a finite size")
+    _not_absurd(value, text)
     return round(value)
+
+
+#: no machine has this much memory (1 EiB): a larger size is a typo
+ABSURD_BYTES = 1024**6
+
+
+def _not_absurd(value: float, text: object) -> None:
+    if value >= ABSURD_BYTES:
+        raise ValueError(f"{text!r} is more memory than any machine has; use e.g. 80GiB")
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,16 @@ def parse_memory_size(value: str | int | float) -> MemorySize:
             as_float = None
         if as_float is not None and 0 < as_float <= 1 and "." in value:
             return MemorySize(fraction=as_float)
+    plain = not isinstance(value, str) or not any(c.isalpha() for c in value)
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if plain and number is not None and 1 < number < 1024**2:
+        raise ValueError(
+            f"{value!r} is ambiguous: write a fraction of capacity as 0.9 or 90%, and a size "
+            "with its unit, as 1.5GiB or 512MiB (a plain number is bytes: at least 1 MiB)"
+        )
     size = parse_bytes(value)
     if size <= 0:
         raise ValueError("a memory size must be positive")

@@ -245,3 +245,70 @@ def test_help_names_the_spec_key_each_flag_sets() -> None:
     text = " ".join(result.stdout.replace("│", " ").split())  # undo the help's wrapping
     assert "[spec: probe.memory_budget]" in text
     assert "[spec: inputs.seq_len]" in text
+
+
+def test_a_budget_above_what_the_device_can_take_is_refused() -> None:
+    result = runner.invoke(
+        app, ["find-max", "--model", "zoo:mlp", "--device", "cpu", "--memory-budget", "900TiB"]
+    )
+    assert result.exit_code == 2, result.output
+    assert (
+        "probe.memory_budget" in result.stderr and "more than this device can take" in result.stderr
+    )
+    assert "Traceback" not in result.output
+
+
+def test_a_flag_the_model_does_not_read_is_an_error() -> None:
+    result = runner.invoke(
+        app,
+        [
+            "find-max",
+            "--model",
+            "zoo:mlp",
+            "--seq-len",
+            "64",
+            "--device",
+            "cpu",
+            "--memory-budget",
+            "64MiB",
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert "inputs.seq_len: does not apply: zoo:mlp takes tensor inputs" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["find-max", "plan", "estimate", "check"])
+def test_every_command_that_builds_a_model_takes_the_same_model_flags(command: str) -> None:
+    text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).stdout
+    for flag in (
+        "--model",
+        "--input",
+        "--seq-len",
+        "--vocab-size",
+        "--num-classes",
+        "--precision",
+        "--optimizer",
+        "--device",
+        "--memory-budget",
+    ):
+        assert flag in text, (command, flag)
+
+
+def test_estimate_reads_the_input_flag() -> None:
+    args = [
+        "estimate",
+        "--model",
+        "zoo:cnn",
+        "--input",
+        "3x16x16",
+        "--device",
+        "cpu",
+        "--memory-budget",
+        "64MiB",
+        "--no-verify",
+        "--json",
+    ]
+    small = json.loads(runner.invoke(app, args).stdout)
+    args[4] = "3x32x32"
+    large = json.loads(runner.invoke(app, args).stdout)
+    assert small["max_batch_size"] > 2 * large["max_batch_size"]

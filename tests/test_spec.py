@@ -132,3 +132,33 @@ def test_readme_documents_every_key_and_command() -> None:
 
     for command in app.registered_commands:
         assert f"batchprobe {command.name}" in readme
+
+
+def test_optimizer_settings_in_exponent_notation_reach_torch_as_numbers() -> None:
+    """PyYAML reads `5e-4` (no dot) as text: every numeric setting is converted, as the
+    constructor's default says, and a probe runs with it."""
+    from batchprobe.probe import run_probe
+    from batchprobe.session import open_session
+
+    text = """
+    model: {source: zoo:mlp, kwargs: {hidden: 32, depth: 1}}
+    probe: {device: cpu, memory_budget: 64MiB}
+    train: {optimizer: {name: sgd, lr: 0.1, momentum: 0.9, weight_decay: 5e-4}}
+    """
+    spec = load_spec(text=text, overrides=["train.optimizer.dampening=1e-1"])
+    assert spec.train.optimizer.kwargs == {"momentum": 0.9, "weight_decay": 5e-4, "dampening": 0.1}
+    s = open_session(spec)
+    assert run_probe(s.step, s.backend, 4).outcome.value == "fit"
+    adam = load_spec(
+        text="model: {source: zoo:mlp}\ntrain: {optimizer: {name: adamw, eps: 1e-8, betas: [0.9, 95e-2]}}"
+    )
+    assert adam.train.optimizer.kwargs == {"eps": 1e-8, "betas": [0.9, 0.95]}
+
+
+def test_optimizer_settings_of_the_wrong_kind_name_the_key() -> None:
+    bad = "model: {source: zoo:mlp}\ntrain: {optimizer: {name: adam, eps: tiny, amsgrad: 3, betas: [0.9]}}"
+    with pytest.raises(SpecError) as err:
+        load_spec(text=bad)
+    text = str(err.value)
+    for key in ("train.optimizer.eps", "train.optimizer.amsgrad", "train.optimizer.betas"):
+        assert key in text

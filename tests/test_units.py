@@ -53,3 +53,22 @@ def test_formatting() -> None:
     assert format_seconds(0.0123) == "12.3 ms"
     assert format_seconds(125) == "2 min 05 s"
     assert format_seconds(7300) == "2 h 01 min"
+
+
+@pytest.mark.parametrize("value", ["1.5", 1.5, "512", 2, "1000000"])
+def test_a_plain_number_between_a_fraction_and_a_mebibyte_is_ambiguous(value: object) -> None:
+    with pytest.raises(ValueError, match=r"ambiguous.*0\.9 or 90%.*1\.5GiB"):
+        parse_memory_size(value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", ["1e100", 1e30, "2000000TiB"])
+def test_absurd_sizes_are_refused_plainly(value: object) -> None:
+    with pytest.raises(ValueError, match="more memory than any machine"):
+        parse_memory_size(value)  # type: ignore[arg-type]
+
+
+def test_sizes_and_fractions_still_read() -> None:
+    assert parse_memory_size("0.9").fraction == 0.9
+    assert parse_memory_size("90%").fraction == 0.9
+    assert parse_memory_size("1.5GiB").bytes == 1.5 * 1024**3
+    assert parse_memory_size(8_000_000_000).bytes == 8_000_000_000

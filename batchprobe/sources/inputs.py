@@ -128,6 +128,21 @@ def resolve_inputs(spec_inputs: InputsSpec, defaults: InputDefaults, source: str
     ]
     if kind == "image" and values.get("shape") is not None and len(values["shape"]) != 3:
         problems.append(Problem("inputs.shape", f"an image is CxHxW, got {values['shape']}"))
+    # a setting the inputs' kind does not read would be silently ignored: say so
+    unused = {
+        "tokens": ("shape",),
+        "image": ("seq_len", "vocab_size"),
+        "tensor": ("seq_len", "vocab_size"),
+    }.get(kind, ())
+    for key in unused:
+        if user.get(key) is not None:
+            problems.append(
+                Problem(
+                    f"inputs.{key}",
+                    f"does not apply: {source} takes {kind} inputs"
+                    + (f" (inputs.shape: {values['shape']})" if values.get("shape") else ""),
+                )
+            )
     if problems:
         raise SpecError(problems)
     return Inputs(**values)
@@ -171,6 +186,8 @@ def make_batch_fn(
             if hf is not None:
                 labels = ids if hf in ("causal-lm", "masked-lm") else target(b, device)
                 return Batch(kwargs={"input_ids": ids, "labels": labels})
+            if inputs.num_classes is not None:  # a sequence classifier: one label per sample
+                return Batch(args=(ids,), target=target(b, device))
             return Batch(args=(ids,), target=torch.randint(0, vocab, (b, seq_len), device=device))
 
         return make_tokens
