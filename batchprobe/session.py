@@ -50,7 +50,8 @@ if TYPE_CHECKING:
 #: tracing for the prior may take this many times the warm-up (its full steps at batch 1): about
 #: the probes a right prior saves (each costs at least that much)
 TRACE_PROBES = 4
-TRACE_MIN_S = 2.0  # ... and at least this long: a probe also opens and settles the device
+TRACE_MIN_S = 10.0  # ... and at least this long: a probe also opens and settles the device, and
+# the warm-up at batch 1 is far cheaper than a probe near the boundary (a busy machine slows both)
 
 
 @dataclass
