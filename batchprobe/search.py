@@ -112,30 +112,32 @@ class Prior:
     #: the traced sizes and their bytes (memory is not quite a line at the smallest sizes)
     points: tuple[tuple[int, int], ...] = ()
 
-    @property
-    def flat_bytes(self) -> int:
-        """The optimizer step's peak at batch 1."""
-        return int(self.flat.at(1))
-
     def crossing(self, limit: int) -> int | None:
-        return _lowest(self.line.crossing(limit), _flat_crossing(self.flat, limit))
+        return _crossing(self.line, self.flat, limit)
 
     def at(self, b: int) -> float:
         """The traced bytes at b when b was traced, else the line's."""
         return dict(self.points).get(b, self.line.at(b))
 
 
-def _flat_crossing(flat: Line, limit: float) -> int | None:
-    """Where the optimizer step's peak meets the limit: 0 when it is over at any size, None
-    when it never is."""
-    if flat.at(1) > limit:
+def _crossing(line: Line | None, flat: Line | None, limit: float) -> int | None:
+    """The largest size whose memory — the larger of the forward/backward line and the
+    optimizer step's — is under the limit: 0 when the optimizer step alone is over it at any
+    size, None when neither line says (or grows)."""
+    if flat is not None and flat.at(1) > limit:
         return 0
-    return flat.crossing(limit)
-
-
-def _lowest(*crossings: int | None) -> int | None:
-    known = [c for c in crossings if c is not None]
+    known = [c for c in (x.crossing(limit) for x in (line, flat) if x is not None) if c is not None]
     return min(known) if known else None
+
+
+def _apart(points: list[tuple[int, int]]) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The largest measured size and the largest at most 90% of it: two points far enough
+    apart for a slope (sizes next to each other measure noise)."""
+    if not points:
+        return None
+    b2 = points[-1][0]
+    apart = [(b, p) for b, p in points[:-1] if b <= 0.9 * b2]
+    return (apart[-1], points[-1]) if apart else None
 
 
 #: a measured point within this share of the prior's line agrees with it
@@ -155,7 +157,6 @@ class _Knowledge:
         self.flats: dict[int, int] = {}  # b -> the optimizer step's measured peak
         self.needs: dict[int, int] = {}  # b -> memory at b is at least this (a failure)
         self.floor = 0  # the limit is at least this (peaks that fit, bytes live at a failure)
-        self.prior_agrees = False  # the first measured point fell on the prior's line
         self.trust_prior = prior is not None  # until the line it gave missed
 
     def add(self, b: int, obs: Observation) -> None:
@@ -165,9 +166,6 @@ class _Knowledge:
             if obs.flat_bytes:
                 self.flats[b] = obs.flat_bytes
             self.floor = max(self.floor, obs.peak_bytes)
-            if self.prior is not None and len(self.fits) == 1:
-                expected = self.prior.at(b)
-                self.prior_agrees = abs(line - expected) <= AGREE * expected
         elif obs.outcome is Outcome.OOM:
             if not obs.need_bytes and (guess := self.line()) is not None:
                 # a failure that says nothing of its bytes: memory at b is what the line says
@@ -196,9 +194,11 @@ class _Knowledge:
         line: Line | None = None
         if points:
             b2, p2 = points[-1]
-            apart = [(b, p) for b, p in points[:-1] if b <= 0.9 * b2]
-            if apart or (len(points) >= 2 and self.prior is None):
-                b1, p1 = apart[-1] if apart else points[-2]
+            pair = _apart(points)
+            if pair is None and len(points) >= 2 and self.prior is None:
+                pair = points[-2], points[-1]  # no trace to lean on: the two nearest will do
+            if pair is not None:
+                (b1, p1), _ = pair
                 slope = (p2 - p1) / (b2 - b1)
                 if slope > 0:
                     line = Line(p2 - slope * b2, slope)
@@ -243,9 +243,8 @@ class _Knowledge:
         if not points:
             return prior
         b2, p2 = points[-1]
-        apart = [(b, p) for b, p in points[:-1] if b <= 0.9 * b2]
-        if apart:
-            b1, p1 = apart[-1]
+        if (pair := _apart(points)) is not None:
+            (b1, p1), _ = pair
             slope = max((p2 - p1) / (b2 - b1), 0.0)
             return Line(p2 - slope * b2, slope)
         if prior is not None:
@@ -255,23 +254,13 @@ class _Knowledge:
     def interval(self) -> tuple[int, int] | None:
         """Where the lines say the boundary is: the largest size under the limit — a point
         while the configured limit holds, a range once failures showed it is lower."""
-        line = self.line()
-        flat = self.flat()
-
-        def crossing(limit: int) -> int | None:
-            at = line.crossing(limit) if line is not None else None
-            return _lowest(at, _flat_crossing(flat, limit) if flat is not None else None)
-
-        if line is None and (flat is None or flat.per_sample <= 0):
-            if flat is not None and flat.at(1) > self.ceiling:
-                return 0, 0  # the optimizer step alone is over the limit
-            return None
-        high = crossing(self.ceiling)
+        line, flat = self.line(), self.flat()
+        high = _crossing(line, flat, self.ceiling)
         if high is None:
             return None
         if not self.learned:
             return high, high
-        low = crossing(self.floor) if 0 < self.floor <= self.ceiling else None
+        low = _crossing(line, flat, self.floor) if 0 < self.floor <= self.ceiling else None
         return (high, high) if low is None else (min(low, high), high)
 
     def safe_jump(self, b: int) -> int:
@@ -360,6 +349,23 @@ def learned(
         else:  # a range (the limit is not known exactly): halve it
             b, span = (low + high + 1) // 2, high - low + 1
         b = max(b, 1)
+
+
+def limit_fell(
+    observations: Sequence[tuple[int, Observation]],
+) -> tuple[int, tuple[int, int, int, int]] | None:
+    """A failure that needed less memory than a smaller size used when it fit, earlier: the
+    limit fell between them (memory the device could not see go, a budget another layer
+    lowered). (index of the failure, (its size, its need, the fit's size, the fit's peak))."""
+    fits: list[tuple[int, int]] = []
+    for i, (b, obs) in enumerate(observations):
+        if obs.outcome is Outcome.FIT and obs.peak_bytes:
+            fits.append((b, obs.peak_bytes))
+        elif obs.outcome is Outcome.OOM and obs.need_bytes:
+            for size, peak in fits:
+                if size < b and obs.need_bytes < peak:
+                    return i, (b, obs.need_bytes, size, peak)
+    return None
 
 
 def iter_once(size: int) -> StrategyGen:

@@ -28,12 +28,12 @@ from batchprobe.ranks import Dist, Solo, open_ranks
 from batchprobe.results import Failure, FindMaxResult, ProbeResult, StepTiming, TraceCheck
 from batchprobe.search import (
     STRATEGIES,
-    Observation,
     Outcome,
     Prior,
     SearchContext,
     candidates,
     iter_once,
+    limit_fell,
     make_strategy,
     summarize,
 )
@@ -292,7 +292,7 @@ class _RoomWatch:
                 f"(another process on the device?): probes from #{self.fell_at + 1} on had less "
                 "room"
             ]
-        elif (fell := _limit_fell(done.observations)) is not None:
+        elif (fell := limit_fell(done.observations)) is not None:
             self.fell_at, (b, need, size, peak) = fell
             notes = [
                 f"batch {b} failed needing {format_bytes(need)}, less than the "
@@ -322,23 +322,6 @@ class _RoomWatch:
             done.probes += rest.probes
             done.observations += rest.observations
         return [*notes, f"micro-batch {size} no longer fits: searched again below it"]
-
-
-def _limit_fell(
-    observations: list[tuple[int, Observation]],
-) -> tuple[int, tuple[int, int, int, int]] | None:
-    """A failure that needed less memory than a smaller size used when it fit, earlier: the
-    limit fell between them (memory the device could not see go, a budget another layer
-    lowered). (index of the failure, (its size, its need, the fit's size, the fit's peak))."""
-    fits: list[tuple[int, int]] = []
-    for i, (b, obs) in enumerate(observations):
-        if obs.outcome is Outcome.FIT and obs.peak_bytes:
-            fits.append((b, obs.peak_bytes))
-        elif obs.outcome is Outcome.OOM and obs.need_bytes:
-            for size, peak in fits:
-                if size < b and obs.need_bytes < peak:
-                    return i, (b, obs.need_bytes, size, peak)
-    return None
 
 
 def _available(backend: Backend | DeviceView) -> int | None:

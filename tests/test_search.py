@@ -229,3 +229,17 @@ def test_a_size_tried_again_counts_as_its_latest_outcome() -> None:
     probes = [(8, fit), (16, oom), (12, fit), (13, oom), (12, oom), (11, fit)]
     result = summarize(probes, cap=1000)
     assert result.best == 11 and result.exact and result.stopped == "boundary"
+
+
+def test_a_failure_needing_less_than_a_smaller_fit_shows_the_limit_fell() -> None:
+    from batchprobe.search import limit_fell
+
+    fit = Observation(Outcome.FIT, peak_bytes=1000)
+    steady = [(96, fit), (97, Observation(Outcome.OOM, need_bytes=1010))]
+    assert limit_fell(steady) is None  # 97 needs more than 96 used: an ordinary boundary
+    fell = [
+        (96, fit),
+        (200, Observation(Outcome.OOM)),
+        (97, Observation(Outcome.OOM, need_bytes=600)),
+    ]
+    assert limit_fell(fell) == (2, (97, 600, 96, 1000))

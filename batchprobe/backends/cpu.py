@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from batchprobe.backends.base import Math, MemoryFigures
-from batchprobe.backends.hostmem import HostLimit, binding, host_limits
+from batchprobe.backends.hostmem import HostLimit, binding, host_limits, ram_available
 from batchprobe.memory import StorageLedger, TrackingMode
 from batchprobe.results import Allowance, DeviceInfo
 from batchprobe.spec import EstimateSpec, Precision, TrainSpec
@@ -29,14 +29,10 @@ DEFAULT_BUDGET_FRACTION = 0.5
 
 
 def available_ram_bytes() -> int:
-    """MemAvailable from /proc/meminfo (Linux), else total physical memory."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    """MemAvailable (Linux), else total physical memory."""
+    available = ram_available()
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - exotic platforms

@@ -168,18 +168,28 @@ def host_limits(proc: str = "/proc", sys_root: str = "") -> list[HostLimit]:
         used = _status(proc, key)
         if soft != resource.RLIM_INFINITY and soft >= 0 and used is not None:
             limits.append(HostLimit(label, soft, used, catchable=True))
-    meminfo: dict[str, int] = {}
-    for row in (_read(f"{proc}/meminfo") or "").splitlines():
-        key, _, rest = row.partition(":")
-        value = rest.split()
-        if value and value[0].isdigit():
-            meminfo[key] = int(value[0]) * 1024
+    meminfo = _meminfo(proc)
     if "MemAvailable" in meminfo:
         total = meminfo.get("MemTotal", meminfo["MemAvailable"])
         limits.append(
             HostLimit("RAM available (MemAvailable)", total, total - meminfo["MemAvailable"])
         )
     return limits
+
+
+def _meminfo(proc: str) -> dict[str, int]:
+    meminfo: dict[str, int] = {}
+    for row in (_read(f"{proc}/meminfo") or "").splitlines():
+        key, _, rest = row.partition(":")
+        value = rest.split()
+        if value and value[0].isdigit():
+            meminfo[key] = int(value[0]) * 1024
+    return meminfo
+
+
+def ram_available(proc: str = "/proc") -> int | None:
+    """MemAvailable: the RAM the kernel can hand out without swapping (None: not Linux)."""
+    return _meminfo(proc).get("MemAvailable")
 
 
 def binding(limits: list[HostLimit]) -> HostLimit | None:
