@@ -11,6 +11,7 @@ No torch, no device: measurements in, a Plan out. Formulas and sources:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,8 +21,10 @@ LrRule = Literal["linear", "sqrt", "none"]
 WarmupLevel = Literal["none", "suggested", "required", "critical"]
 
 PLATEAU = 0.03  # within 3% of the best projected time counts as the same
-MAX_ACCUM_WARNING = 64
-SMALL_BN_BATCH = 16
+MAX_ACCUM = 64  # more accumulation steps than this are not recommended when fewer fit
+SMALL_BN_BATCH = 16  # BatchNorm statistics over fewer samples than this are noisy
+NEAR_TARGET = 0.10  # a realised global batch this far above the target still counts as it
+UNSTABLE_SPREAD = 0.10  # relative interquartile range above which a timing is flagged
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,16 @@ class Row:
     divides_exactly: bool
     spread: float
     target_global_batch: int
+    #: why the recommendation may not pick this row (None: it may); set by `apply_rules`
+    excluded_because: str | None = None
+
+    @property
+    def eligible(self) -> bool:
+        return self.excluded_because is None
+
+    @property
+    def timing_stable(self) -> bool:
+        return self.spread <= UNSTABLE_SPREAD
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -106,6 +119,9 @@ class Row:
             "within_headroom": self.within_headroom,
             "divides_exactly": self.divides_exactly,
             "timing_spread": _round(self.spread, 4),
+            "timing_stable": self.timing_stable,
+            "eligible": self.eligible,
+            "excluded_because": self.excluded_because,
         }
 
 
@@ -163,9 +179,10 @@ def warmup_level(ratio: float | None) -> WarmupLevel:
     """How much the scaled LR needs a warm-up, by the batch ratio B / B_base.
 
     Rule of thumb from practice (after Goyal et al. 2017, who ramp over 5 epochs for large
-    batches): ratio <= 2 none, ~4 maybe, >= 8 required, >= 16 critical.
+    batches): at or below the base batch none, above it suggested, >= 8 required, >= 16
+    critical. The number of steps (`warmup_steps`) grows continuously with the ratio.
     """
-    if ratio is None or ratio <= 2:
+    if ratio is None or ratio <= 1:
         return "none"
     if ratio < 8:
         return "suggested"
@@ -174,21 +191,25 @@ def warmup_level(ratio: float | None) -> WarmupLevel:
     return "critical"
 
 
-# fraction of all optimizer steps to ramp over: Goyal et al. ramp over 5 of 90 epochs (~5.6%)
-_WARMUP_FRACTION: dict[WarmupLevel, float] = {
-    "none": 0.0,
-    "suggested": 0.02,
-    "required": 0.056,
-    "critical": 0.1,
-}
+#: the share of all optimizer steps to ramp the LR over at a batch 16x the base (and above):
+#: Goyal et al. ramp over 5 of 90 epochs (~5.6%) for 32x; we ramp a little longer, 10%
+WARMUP_FRACTION = 0.1
 
 
-def warmup_steps(level: WarmupLevel, optimizer_steps: int | None) -> int | None:
+def warmup_fraction(ratio: float | None) -> float:
+    """The share of optimizer steps to warm up over, continuous in the batch ratio B / B_base:
+    none at or below the base batch, rising with log2(ratio) to WARMUP_FRACTION at 16x — so a
+    global batch of 532 gets about as many warm-up steps as one of 512, not a jump from 0."""
+    if ratio is None or ratio <= 1:
+        return 0.0
+    return WARMUP_FRACTION * min(1.0, math.log2(ratio) / 4)
+
+
+def warmup_steps(ratio: float | None, optimizer_steps: int | None) -> int | None:
     if optimizer_steps is None:
         return None
-    if level == "none":
-        return 0
-    return max(1, math.ceil(_WARMUP_FRACTION[level] * optimizer_steps))
+    fraction = warmup_fraction(ratio)
+    return math.ceil(fraction * optimizer_steps) if fraction > 0 else 0
 
 
 def optimizer_steps(total_samples: float, global_batch: int) -> int:
@@ -243,7 +264,7 @@ def make_row(m: Measurement, s: PlanSettings) -> Row:
         lr=lr,
         lr_ratio=ratio,
         warmup=level,
-        warmup_steps=warmup_steps(level, steps),
+        warmup_steps=warmup_steps(ratio if s.lr_rule != "none" else None, steps),
         optimizer_steps=steps,
         projected_seconds=steps * t_update if steps is not None else None,
         within_headroom=fraction is None or fraction <= s.headroom,
@@ -253,45 +274,115 @@ def make_row(m: Measurement, s: PlanSettings) -> Row:
     )
 
 
-def _cost(row: Row) -> float:
+def cost(row: Row) -> float:
     """Seconds for the whole run when known, else seconds per sample: lower is better."""
     if row.projected_seconds is not None:
         return row.projected_seconds
     return row.update_time_s / row.global_batch_size
 
 
+def apply_rules(rows: Sequence[Row], s: PlanSettings) -> tuple[Row, ...]:
+    """Mark each row the recommendation may not pick, with the reason. The rules, in order:
+
+    1. peak memory within the headroom;
+    2. one micro-batch must not alone overshoot the target (global batch < 2x the target), and
+       the realised global batch within NEAR_TARGET above the target when such a row exists
+       (the LR and the optimization follow the global batch);
+    3. with BatchNorm, a micro-batch of at least min(16, target per device) — its statistics
+       are computed per micro-batch — when such a row passes 1-2;
+    4. at most MAX_ACCUM accumulation steps, when such a row passes 1-3.
+
+    Rules 3 and 4 give way when memory leaves nothing else (the warnings then say so). When no
+    row passes 1-2, the smallest row within the headroom stays eligible."""
+    reasons: dict[int, str] = {}
+    inside = [r for r in rows if r.within_headroom]
+    close = any(r.global_batch_size <= (1 + NEAR_TARGET) * r.target_global_batch for r in inside)
+    for r in rows:
+        over = r.global_batch_size / r.target_global_batch - 1
+        if not r.within_headroom:
+            reasons[r.micro_batch_size] = f"peak above the {s.headroom:.0%} headroom"
+        elif r.global_batch_size >= 2 * r.target_global_batch:
+            reasons[r.micro_batch_size] = (
+                f"one micro-batch alone overshoots the target {r.target_global_batch}"
+            )
+        elif close and over > NEAR_TARGET:
+            reasons[r.micro_batch_size] = (
+                f"global batch {r.global_batch_size} is {over:.0%} above the target"
+            )
+    if inside and all(r.micro_batch_size in reasons for r in inside):
+        del reasons[inside[0].micro_batch_size]
+
+    def passing() -> list[Row]:
+        return [r for r in rows if r.micro_batch_size not in reasons]
+
+    per_device = math.ceil(s.target_global_batch / s.world_size)
+    floor = min(SMALL_BN_BATCH, per_device)
+    if s.has_batchnorm and any(r.micro_batch_size >= floor for r in passing()):
+        for r in passing():
+            if r.micro_batch_size < floor:
+                reasons[r.micro_batch_size] = (
+                    f"BatchNorm: micro-batch below {floor} gives noisy batch statistics"
+                )
+    if any(r.grad_accum_steps <= MAX_ACCUM for r in passing()):
+        for r in passing():
+            if r.grad_accum_steps > MAX_ACCUM:
+                reasons[r.micro_batch_size] = (
+                    f"{r.grad_accum_steps} accumulation steps, more than {MAX_ACCUM}"
+                )
+    return tuple(
+        dataclasses.replace(r, excluded_because=reasons.get(r.micro_batch_size)) for r in rows
+    )
+
+
 def recommend(rows: Sequence[Row]) -> tuple[Row | None, str]:
-    """Shortest projected wall-clock within headroom — the smallest micro-batch on the plateau
-    (within PLATEAU of the best), preferring those whose global batch is exactly the target."""
-    # a micro-batch that alone overshoots the target global batch changes the optimization
-    usable = [
-        r for r in rows if r.within_headroom and r.global_batch_size < 2 * r.target_global_batch
-    ] or [r for r in rows if r.within_headroom][:1]
+    """Among the eligible rows (`apply_rules`): shortest projected wall-clock — the smallest
+    micro-batch on the plateau (within PLATEAU of the best), preferring those whose global
+    batch is exactly the target. The reason says what was excluded that would have been
+    faster, and when the timings behind the pick were unstable."""
+    usable = [r for r in rows if r.eligible]
+    if not rows:
+        return None, "no micro-batch was timed"
     if not usable:
         return None, "no candidate stays within the headroom"
-    best = min(_cost(r) for r in usable)
-    plateau = [r for r in usable if _cost(r) <= best * (1 + PLATEAU)]
+    best = min(cost(r) for r in usable)
+    plateau = [r for r in usable if cost(r) <= best * (1 + PLATEAU)]
     exact = [r for r in plateau if r.divides_exactly]
     pool = exact or plateau
     choice = min(pool, key=lambda r: r.micro_batch_size)
-    fastest = min(usable, key=_cost)
+    fastest = min(usable, key=cost)
     what = "projected wall-clock" if choice.projected_seconds is not None else "time per sample"
     if choice is fastest:
-        reason = f"shortest {what} within headroom"
+        reason = f"shortest {what} among the eligible rows"
     else:
-        loss = 100 * (_cost(choice) / best - 1)
+        loss = 100 * (cost(choice) / best - 1)
         reason = (
             f"smallest micro-batch within {PLATEAU:.0%} of the best {what} "
             f"(micro-batch {fastest.micro_batch_size}; {loss:.1f}% slower)"
         )
         if exact and not fastest.divides_exactly:
             reason += ", and its global batch is exactly the target"
+    faster = [r for r in rows if not r.eligible and cost(r) < cost(choice)]
+    if faster:
+        quickest = min(faster, key=cost)
+        reason += (
+            f"; micro-batch {quickest.micro_batch_size} would be "
+            f"{100 * (1 - cost(quickest) / cost(choice)):.0f}% faster but is excluded "
+            f"({quickest.excluded_because})"
+        )
+    shaky = [r for r in plateau if not r.timing_stable]
+    if shaky:
+        worst = max(shaky, key=lambda r: r.spread)
+        reason += (
+            f"; timings unstable (micro-batch {worst.micro_batch_size} varied by "
+            f"{worst.spread:.0%}): the machine was busy, the pick may differ on a quiet one"
+        )
     return choice, reason
 
 
 def make_plan(measurements: Sequence[Measurement], settings: PlanSettings) -> Plan:
-    rows = tuple(
-        make_row(m, settings) for m in sorted(measurements, key=lambda m: m.micro_batch_size)
+    rows = apply_rules(
+        [make_row(m, settings) for m in sorted(measurements, key=lambda m: m.micro_batch_size)],
+        settings,
     )
     choice, reason = recommend(rows)
     return Plan(rows, choice, settings, tuple(plan_warnings(rows, choice, settings)), reason)
@@ -302,6 +393,8 @@ def plan_warnings(rows: Sequence[Row], choice: Row | None, s: PlanSettings) -> l
     out: list[str] = []
     if s.target_note:
         out.append(s.target_note)
+    if choice is None and not rows:
+        return out
     if choice is None:
         out.append(
             f"no micro-batch keeps peak memory within headroom {s.headroom:.0%} of the limit; "
@@ -321,7 +414,7 @@ def plan_warnings(rows: Sequence[Row], choice: Row | None, s: PlanSettings) -> l
             "its statistics get noisy below ~16 samples (use GroupNorm/LayerNorm, SyncBatchNorm "
             "across ranks, or a larger micro-batch)"
         )
-    if choice.grad_accum_steps > MAX_ACCUM_WARNING:
+    if choice.grad_accum_steps > MAX_ACCUM:
         out.append(
             f"{choice.grad_accum_steps} accumulation steps per update: the optimizer runs rarely "
             "and each update takes long; consider more devices or a smaller global batch"
@@ -344,7 +437,7 @@ def plan_warnings(rows: Sequence[Row], choice: Row | None, s: PlanSettings) -> l
                 f"only {per_epoch:.1f} optimizer steps per epoch at global batch "
                 f"{choice.global_batch_size}: few updates for the data seen"
             )
-    if choice.spread > 0.10:
+    if not choice.timing_stable:
         out.append(
             f"timing at micro-batch {choice.micro_batch_size} varied by {choice.spread:.0%} "
             "(interquartile range): the machine was busy; rerun for firmer numbers"

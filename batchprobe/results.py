@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from batchprobe.planning import Plan
+from batchprobe.planning import UNSTABLE_SPREAD, Plan
 from batchprobe.search import Observation, Outcome, SearchResult
 from batchprobe.units import format_bytes
 
@@ -262,8 +262,6 @@ class FindMaxResult:
 
 
 # --------------------------------------------------------------------------- plan
-
-UNSTABLE_SPREAD = 0.10  # relative interquartile range above which a timing is flagged
 
 
 @dataclass(frozen=True)

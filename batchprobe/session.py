@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -40,7 +40,7 @@ from batchprobe.search import (
 from batchprobe.sources import Workload, build_workload, quiet_warnings
 from batchprobe.spec import Spec
 from batchprobe.step import TrainStep
-from batchprobe.timing import time_steps
+from batchprobe.timing import TimingProgress, time_sizes
 from batchprobe.units import MemorySize, format_bytes, parse_memory_size
 
 if TYPE_CHECKING:
@@ -102,20 +102,51 @@ class Session:
         """One probe through the session's prober (agreed across ranks under torchrun)."""
         return self.prober(batch_size)
 
-    def time(self, batch_size: int) -> StepTiming | Failure:
-        """Timed steps, or how a step failed while timed (agreed across ranks: every rank
-        returns the same); under torchrun the slowest rank's figures, no_sync passes included."""
-        timing = time_steps(
-            self.step,
-            self.device,
-            batch_size,
-            min_time_s=self.spec.plan.min_time_s,
-            nosync=self.ranks.distributed,
-            any_rank=self.ranks.any_rank,
-        )
-        if isinstance(timing, Failure):
-            return self.ranks.agree_failure(timing)
-        return self.ranks.agree_timing(timing)
+    def time(
+        self,
+        sizes: Sequence[int],
+        progress: TimingProgress | None = None,
+        into: dict[int, StepTiming | Failure] | None = None,
+    ) -> dict[int, StepTiming | Failure]:
+        """Timed steps per size, or how a step failed while timed (agreed across ranks: every
+        rank returns the same; under torchrun the slowest rank's figures, no_sync passes
+        included). The sizes are timed together in interleaved rounds (`timing.time_sizes`);
+        a compiled model one size at a time, each with its own graph, as a run compiles once.
+        `into` is filled as sizes finish, and holds what was measured when Ctrl-C comes."""
+        out: dict[int, StepTiming | Failure] = {} if into is None else into
+        groups = [[b] for b in sizes] if self.spec.train.compile else [list(sizes)]
+        done = 0
+        for group in groups:
+            raw: dict[int, StepTiming | Failure] = {}
+
+            def on_size(b: int, i: int, _: int, offset: int = done) -> None:
+                if progress is not None:
+                    progress.candidate(b, offset + i, len(sizes))
+
+            try:
+                time_sizes(
+                    self.step,
+                    self.device,
+                    group,
+                    min_time_s=self.spec.plan.min_time_s,
+                    nosync=self.ranks.distributed,
+                    any_rank=self.ranks.any_rank,
+                    on_size=on_size,
+                    on_round=progress.round if progress is not None else None,
+                    into=raw,
+                )
+            except KeyboardInterrupt:
+                out.update(raw)  # as measured here: no collective after Ctrl-C
+                raise
+            for b, t in raw.items():
+                if isinstance(t, Failure):
+                    out[b] = self.ranks.agree_failure(t)
+                    continue
+                out[b] = agreed = self.ranks.agree_timing(t)
+                if progress is not None:
+                    progress.timed(b, agreed)
+            done += len(group)
+        return out
 
     def search(
         self,

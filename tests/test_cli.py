@@ -312,3 +312,46 @@ def test_estimate_reads_the_input_flag() -> None:
     args[4] = "3x32x32"
     large = json.loads(runner.invoke(app, args).stdout)
     assert small["max_batch_size"] > 2 * large["max_batch_size"]
+
+
+@pytest.mark.parametrize(
+    ("model", "strategy"),
+    [
+        ("user_models:ctrl_c_while_building", "doubling"),
+        ("user_models:ctrl_c_when_traced", "estimate"),
+    ],
+)
+@pytest.mark.parametrize("command", ["find-max", "plan"])
+def test_ctrl_c_before_the_first_probe_still_writes_the_output(
+    tmp_path: Path, model: str, strategy: str, command: str
+) -> None:
+    # seen: Ctrl-C in the first seconds (building the model, tracing) wrote no --output
+    out = tmp_path / "partial.json"
+    result = run(
+        command, "--model", model, "--input", "16", "--num-classes", "4", "--device", "cpu",
+        "--memory-budget", "64MiB", "--strategy", strategy, "--json", "--output", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 130, result.stderr
+    data = json.loads(out.read_text())
+    assert data["command"] == command and data["interrupted"] is True
+    assert data["max_batch_size"] is None
+    assert json.loads(result.stdout) == data
+
+
+def test_ctrl_c_in_the_headroom_search_says_nothing_false(tmp_path: Path) -> None:
+    # seen: "no micro-batch keeps peak memory within headroom" and "the rows above" with no rows
+    common = ["--model", "user_models:ctrl_c_off_powers_of_two", "--input", "16", "--num-classes",
+              "4", "--device", "cpu", "--memory-budget", "64MiB", "--strategy", "doubling",
+              "--max-batch-size", "64"]  # fmt: skip
+    probes = json.loads(run("find-max", *common, "--json").stdout)["probes"]
+    peaks = {p["batch_size"]: p["peak_bytes"] for p in probes}
+    headroom = (peaks[32] + peaks[64]) / 2 / (64 * 1024**2)  # 64 is above it, 32 within
+    out = tmp_path / "plan.json"
+    result = run("plan", *common, "--set", f"plan.headroom={headroom:.6f}", "--output", str(out))
+    assert result.exit_code == 130, result.stderr
+    data = json.loads(out.read_text())
+    assert data["interrupted"] is True and data["rows"] == [] and data["max_batch_size"] == 64
+    text = result.stdout + result.stderr
+    assert "headroom" not in " ".join(data["warnings"])
+    assert "no micro-batch keeps" not in text and "rows above" not in text
+    assert "Interrupted before any micro-batch was timed" in text

@@ -11,6 +11,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from batchprobe.cli import app
+from batchprobe.flows import plan as plan_flow
 from batchprobe.planning import Measurement, PlanSettings, make_plan
 from batchprobe.report.plan import plan_chart, plan_table, recommendation_panel
 
@@ -185,3 +186,56 @@ def test_ctrl_c_during_timing_keeps_the_rows_so_far(tmp_path: Path) -> None:
     assert data["max_batch_size"] == 8
     # candidates 1, 2, 4, 8 are timed in order; Ctrl-C came while timing 4
     assert [r["micro_batch_size"] for r in data["rows"]] == [1, 2]
+
+
+def test_micro_batches_that_divide_the_target_are_tried_near_the_plateau() -> None:
+    # seen: powers of two only, so a target of 100 was met as 128 (+28%, the LR moved with it)
+    settings = PlanSettings(target_global_batch=100, total_samples=1e5)
+    # per sample, 32 and 64 are the fastest; 64 x 2 = 128 overshoots the target
+    ms = [Measurement(b, None, t, 0.001) for b, t in {8: 0.02, 16: 0.03, 32: 0.05, 64: 0.1}.items()]
+    preliminary = make_plan(ms, settings)
+    assert preliminary.recommended is not None and not preliminary.recommended.divides_exactly
+    extra = plan_flow.exact_candidates(preliminary, limit=96, tried={8, 16, 32, 64})
+    assert extra and all(100 % d == 0 and d not in (8, 16, 32, 64) for d in extra)
+    assert 50 in extra and 25 in extra  # the divisors next to the plateau's 32-64
+    assert max(extra) <= 96
+    assert plan_flow.exact_candidates(preliminary, limit=40, tried=set()) == [20, 25]
+    # the largest divisor memory allows is tried even far from the plateau
+    assert plan_flow.exact_candidates(preliminary, limit=96, tried=set(range(1, 100))) == []
+    far = make_plan(ms, PlanSettings(target_global_batch=1000, total_samples=1e5))
+    assert 8 not in plan_flow.exact_candidates(far, limit=10, tried={16, 32, 64})
+    assert plan_flow.exact_candidates(far, limit=10, tried={16, 32, 64})[-1] == 10
+    exact = make_plan([*ms, Measurement(50, None, 0.08, 0.001)], settings)
+    assert plan_flow.exact_candidates(exact, limit=96, tried=set()) == []
+
+
+@pytest.mark.slow
+def test_plan_reaches_an_odd_target_exactly(tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(
+        app,
+        ["plan", "--model", "zoo:mlp", "--device", "cpu", "--memory-budget", "64MiB",
+         "--max-batch-size", "64", "--set", "plan.global_batch_size=75",
+         "--set", "plan.min_time_s=0.05", "--output", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    first = {2**k for k in range(7)}
+    extra = {r["micro_batch_size"] for r in rows} - first
+    # the first pick (a power of two) cannot reach 75: 25, the largest divisor that fits, and
+    # those near the plateau were timed after it — as the first rows' plan says they should be
+    settings = PlanSettings(target_global_batch=75)
+    preliminary = make_plan(
+        [
+            Measurement(r["micro_batch_size"], r["peak_bytes"], r["fwd_bwd_time_s"],
+                        r["optimizer_time_s"], spread=r["timing_spread"])
+            for r in rows
+            if r["micro_batch_size"] in first
+        ],
+        settings,
+    )  # fmt: skip
+    assert preliminary.recommended is not None and not preliminary.recommended.divides_exactly
+    expected = plan_flow.exact_candidates(preliminary, limit=64, tried=first)
+    assert 25 in expected and extra == set(expected)
+    assert all(r["divides_exactly"] for r in rows if r["micro_batch_size"] in extra)

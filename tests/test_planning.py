@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -52,7 +53,8 @@ def test_auto_rule_follows_the_optimizer() -> None:
     ("ratio", "level"),
     [
         (0.5, "none"),
-        (2, "none"),
+        (1, "none"),
+        (2, "suggested"),
         (4, "suggested"),
         (8, "required"),
         (16, "critical"),
@@ -64,10 +66,29 @@ def test_warmup_grows_with_the_ratio(ratio: float, level: str) -> None:
 
 
 def test_warmup_steps_are_a_share_of_the_run() -> None:
-    assert warmup_steps("none", 1000) == 0
-    assert warmup_steps("required", 1000) == 56  # Goyal: 5 of 90 epochs
-    assert warmup_steps("critical", 1000) == 100
-    assert warmup_steps("suggested", None) is None
+    assert warmup_steps(None, 1000) == 0
+    assert warmup_steps(1.0, 1000) == 0
+    assert warmup_steps(0.5, 1000) == 0
+    assert warmup_steps(4.0, 1000) == 50  # half way (in log2) to 16x: 5% of the steps
+    assert warmup_steps(16.0, 1000) == 100
+    assert warmup_steps(64.0, 1000) == 100
+    assert warmup_steps(4.0, None) is None
+
+
+def test_warmup_steps_do_not_jump_between_neighbouring_global_batches() -> None:
+    # seen: 0 warm-up steps at global batch 512 and 19 at 532 (base 256)
+    settings = PlanSettings(
+        target_global_batch=512, base_lr=0.1, base_batch_size=256, lr_rule="linear",
+        total_samples=500_000,
+    )  # fmt: skip
+    steps = []
+    for micro in range(500, 541):
+        row = make_row(Measurement(micro, None, 0.1, 0.01), settings)
+        steps.append((row.global_batch_size, row.warmup_steps))
+    for (g0, w0), (g1, w1) in itertools.pairwise(steps):
+        assert w0 is not None and w1 is not None
+        # fewer optimizer steps at a larger batch, more of them warm-up: a few steps apart
+        assert abs(w1 - w0) <= max(2, 0.1 * w0), (g0, w0, g1, w1)
 
 
 def test_row_math_matches_a_hand_worked_example() -> None:
@@ -87,7 +108,7 @@ def test_row_math_matches_a_hand_worked_example() -> None:
     assert row.tokens_per_s == pytest.approx(1024 * 256 / 0.85)
     assert row.lr == pytest.approx(0.4)
     assert row.warmup == "suggested"  # ratio 4
-    assert row.warmup_steps == math.ceil(0.02 * 977)
+    assert row.warmup_steps == math.ceil(0.05 * 977)
     assert row.mfu == pytest.approx(8 * 2e10 / (0.85 * 1e12))
     assert row.peak_fraction == pytest.approx(0.8)
     assert row.within_headroom and row.divides_exactly
@@ -153,3 +174,68 @@ def test_rounded_global_batch_is_said() -> None:
     plan = make_plan([Measurement(96, 1, 0.1, 0.01)], PlanSettings(target_global_batch=1024))
     assert plan.recommended is not None and plan.recommended.global_batch_size == 1056
     assert any("realised global batch is 1056" in w for w in plan.warnings)
+
+
+def test_batchnorm_floor_is_a_rule_of_the_pick_not_only_a_warning() -> None:
+    # seen: micro-batch 1 recommended for a BatchNorm model while warning about BatchNorm below 16
+    times = {1: 0.002, 2: 0.0045, 4: 0.009, 8: 0.019, 16: 0.04, 32: 0.08}
+    plan = _plan(times, has_batchnorm=True)
+    assert plan.recommended is not None
+    assert plan.recommended.micro_batch_size == 16
+    rows = {r.micro_batch_size: r for r in plan.rows}
+    for b in (1, 2, 4, 8):
+        assert not rows[b].eligible and "BatchNorm" in (rows[b].excluded_because or "")
+        assert rows[b].to_dict()["excluded_because"] == rows[b].excluded_because
+    assert rows[16].eligible and rows[32].eligible
+    assert "micro-batch 1 would be" in plan.reason and "BatchNorm" in plan.reason
+    assert not any("BatchNorm sees" in w for w in plan.warnings)
+
+
+def test_batchnorm_floor_gives_way_when_memory_leaves_nothing_else() -> None:
+    plan = _plan({1: 0.002, 2: 0.0045, 4: 0.009}, target=16, has_batchnorm=True)
+    assert plan.recommended is not None and plan.recommended.micro_batch_size == 1
+    assert all(r.eligible for r in plan.rows)
+    assert any("BatchNorm sees micro-batches of 1" in w for w in plan.warnings)
+
+
+def test_accumulation_ceiling_is_a_rule_of_the_pick() -> None:
+    # seen: 512 accumulation steps recommended while warning that this is too many
+    plan = _plan({1: 0.001, 4: 0.0045, 8: 0.0095, 16: 0.02}, target=512)
+    assert plan.recommended is not None
+    assert plan.recommended.grad_accum_steps <= 64
+    rows = {r.micro_batch_size: r for r in plan.rows}
+    assert "512 accumulation steps" in (rows[1].excluded_because or "")
+    assert "128 accumulation steps" in (rows[4].excluded_because or "")
+    assert not any("accumulation steps per update" in w for w in plan.warnings)
+
+
+def test_every_row_the_pick_skipped_says_why() -> None:
+    plan = _plan(
+        {8: 0.008, 64: 0.06, 128: 0.1, 600: 0.5}, limit_bytes=200_000, headroom=0.9, target=256
+    )
+    rows = {r.micro_batch_size: r for r in plan.rows}
+    assert "headroom" in (rows[600].excluded_because or "")  # 600 kB > 180 kB
+    assert rows[128].eligible and rows[64].eligible and rows[8].eligible
+    assert [r.eligible for r in plan.rows] == [r.to_dict()["eligible"] for r in plan.rows]
+    plan = _plan({64: 0.06, 512: 0.4}, target=256)
+    assert "overshoots the target 256" in (plan.rows[1].excluded_because or "")
+
+
+def test_a_pick_from_unstable_timings_says_so_in_its_reason() -> None:
+    settings = PlanSettings(target_global_batch=256, total_samples=1e5)
+    steady = [Measurement(b, None, 0.001 * b, 0.01, spread=0.02) for b in (8, 16, 32)]
+    assert "unstable" not in make_plan(steady, settings).reason
+    shaky = [Measurement(b, None, 0.001 * b, 0.01, spread=0.4) for b in (8, 16, 32)]
+    plan = make_plan(shaky, settings)
+    assert "unstable" in plan.reason and "40%" in plan.reason
+    assert all(not r.timing_stable and r.to_dict()["timing_stable"] is False for r in plan.rows)
+
+
+def test_a_row_far_above_the_target_is_not_picked_when_a_closer_one_exists() -> None:
+    # seen: micro-batch 471 x 2 = global 942 recommended for a target of 512
+    plan = _plan({128: 0.6, 256: 1.3, 471: 2.2}, target=512)
+    rows = {r.micro_batch_size: r for r in plan.rows}
+    assert "942 is 84% above the target" in (rows[471].excluded_because or "")
+    assert plan.recommended is not None and plan.recommended.global_batch_size == 512
+    alone = _plan({471: 2.2}, target=512)  # nothing closer: it stays eligible
+    assert alone.recommended is not None and alone.recommended.micro_batch_size == 471

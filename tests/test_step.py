@@ -7,7 +7,7 @@ import torch
 
 from batchprobe.probe import run_probe
 from batchprobe.search import Outcome
-from batchprobe.timing import time_steps
+from batchprobe.timing import time_sizes
 
 from helpers import peak_at, session
 
@@ -77,6 +77,6 @@ def test_compiled_model_is_timed_compiled() -> None:
     )
     assert run_probe(s.step, s.backend, 4).outcome is Outcome.FIT
     dynamo_utils.counters.clear()
-    timing = time_steps(s.step, s.backend, 4, min_time_s=0.05)
+    timing = time_sizes(s.step, s.backend, [4], min_time_s=0.05)[4]
     assert dynamo_utils.counters["frames"]["ok"] >= 1  # a graph was compiled and run
     assert timing.warmup_steps >= 3  # compilation happened in the warm-up, not the figures

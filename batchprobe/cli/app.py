@@ -123,7 +123,7 @@ def find_max_cmd(
     Works from flags alone (--model torchvision:resnet50 --input 3x224x224) or from a YAML spec. Exit codes: 0 found, 2 bad input or a model error, 3 device missing, 4 nothing fits, 130 interrupted (partial results still printed and written).
     """
     out = Out(json_)
-    with handled(out, "find-max"):
+    with handled(out, "find-max", output):
         from batchprobe.flows import find_max
 
         spec = _spec(config, set_, flag_values(locals()))
@@ -189,7 +189,7 @@ def plan_cmd(
     Candidates are the powers of two up to the max, the max itself, and the largest size whose peak stays within the headroom (or plan.candidates). Exit codes as find-max; 130 on Ctrl-C with the rows timed so far.
     """
     out = Out(json_)
-    with handled(out, "plan"):
+    with handled(out, "plan", output):
         from batchprobe.flows import plan
 
         spec = _spec(config, set_, flag_values(locals()))
@@ -242,7 +242,7 @@ def estimate_cmd(
     Without --gpu/--capacity the target is the configured device (on CPU: its budget, and the estimate equals what find-max measures), and one real probe at the estimated max checks the trace there (--no-verify skips it). Where the model cannot be traced, says which op and falls back to real probes.
     """
     out = Out(json_)
-    with handled(out, "estimate"):
+    with handled(out, "estimate", output):
         from batchprobe.flows import estimate
 
         sets = [*(set_ or []), *(["estimate.verify=false"] if no_verify else [])]
@@ -309,7 +309,7 @@ def check_cmd(
     Measures only what the expectations need: a max batch of at least N is one probe at N. Appends a Markdown summary to $GITHUB_STEP_SUMMARY when it is set. Exit codes: 0 all hold, 1 a check failed, 2 bad input, 3 device missing (--require-gpu), 130 interrupted.
     """
     out = Out(json_)
-    with handled(out, "check"):
+    with handled(out, "check", output):
         from batchprobe.backends import is_accelerator
         from batchprobe.flows import check
 
@@ -355,7 +355,7 @@ def noise_scale_cmd(
     Needs a data: section (real batches); refuses synthetic inputs. Try it with configs/noise-linreg.yaml.
     """
     out = Out(json_)
-    with handled(out, "noise-scale"):
+    with handled(out, "noise-scale", output):
         from batchprobe.flows import noise
 
         spec = _spec(config, set_, flag_values(locals()))

@@ -68,7 +68,11 @@ def plan(
             out.write(plot_file, plan_view.plan_plot(plan, source))
     out.human.print(find_max_view.find_max_summary(run.find_max, source))
     if plan is not None and plan.rows:
-        out.human.print(plan_view.plan_table(plan))
+        out.human.print(
+            plan_view.plan_table(
+                plan, width=out.human.width, threads=run.find_max.device.details.get("threads")
+            )
+        )
         out.human.print(plan_view.plan_chart(plan))
         out.human.print(plan_view.recommendation_panel(plan))
     if run.noise is not None:
@@ -80,8 +84,14 @@ def plan(
     if fm.error is not None or fm.max_batch_size is None:
         exit_after_search(out, fm)
     if run.interrupted:
+        timed = plan is not None and plan.rows
         out.human.print(
-            Text("Interrupted: the rows above are what was timed so far.", style="yellow")
+            Text(
+                "Interrupted: the rows above are what was timed so far."
+                if timed
+                else "Interrupted before any micro-batch was timed.",
+                style="yellow",
+            )
         )
         raise typer.Exit(EXIT_INTERRUPTED)
 

@@ -41,6 +41,7 @@ class Out:
 
     def __init__(self, json_mode: bool) -> None:
         self.json_mode = json_mode
+        self.has_result = False
         self.quiet = not launcher.speaks()
         if self.quiet:
             self.err = self.human = Console(file=io.StringIO())
@@ -55,6 +56,7 @@ class Out:
 
     def result(self, data: dict[str, Any], output: Path | None) -> None:
         """The command's JSON result: to --output, and to stdout under --json."""
+        self.has_result = True
         text = to_json(data)
         self.write(output, text)
         if self.json_mode:
@@ -83,12 +85,19 @@ def fail(out: Out, command: str, exc: BatchprobeError) -> NoReturn:
 
 
 @contextlib.contextmanager
-def handled(out: Out, command: str) -> Iterator[None]:
-    """User errors become one message and their exit code; Ctrl-C exits 130."""
+def handled(out: Out, command: str, output: Path | None = None) -> Iterator[None]:
+    """User errors become one message and their exit code; Ctrl-C exits 130. A Ctrl-C that
+    comes before the command has a result (building the model, tracing, the first warm-up
+    step) still writes --output (and --json): the command, `interrupted`, nothing measured."""
     try:
         yield
     except BatchprobeError as exc:
         fail(out, command, exc)
     except KeyboardInterrupt:
-        out.err.print("[yellow]interrupted[/yellow]")
+        if not out.has_result:
+            out.err.print("[yellow]interrupted before anything was measured[/yellow]")
+            out.result(
+                {"command": command, "interrupted": True, "max_batch_size": None, "probes": []},
+                output,
+            )
         raise typer.Exit(EXIT_INTERRUPTED) from None

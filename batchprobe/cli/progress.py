@@ -74,16 +74,29 @@ class LiveProgress(Progress):
     def phase(self, name: Phase) -> None:
         if name != "find-max":  # the find-max table is complete: later probes are log lines
             self._stop_live()
+        if name == "exact":
+            self._line("timing micro-batches that reach the target global batch exactly")
 
     def candidate(self, batch_size: int, index: int, count: int) -> None:
         self._stop_live()
         if not self.console.is_terminal:
             self._line(f"timing micro-batch {batch_size} ({index}/{count})")
             return
+        self._bar("timing micro-batch", f"{batch_size:>6}", index - 1, count)
+
+    def round(self, index: int, count: int) -> None:
+        what = "the candidates still unstable" if index > count else "all candidates"
+        n = index - count if index > count else index
+        if not self.console.is_terminal:
+            self._line(f"timing round {n}/{count} over {what}", style="dim")
+            return
+        self._bar(f"timing round over {what}", "", n - 1, count)
+
+    def _bar(self, what: str, batch: str, completed: int, total: int) -> None:
         if self.bar is None:
             self.bar = Bar(
-                TextColumn("timing micro-batch"),
-                TextColumn("[bold]{task.fields[batch]:>6}"),
+                TextColumn("{task.fields[what]}"),
+                TextColumn("[bold]{task.fields[batch]}"),
                 BarColumn(),
                 TextColumn("{task.completed}/{task.total}"),
                 TimeElapsedColumn(),
@@ -91,9 +104,9 @@ class LiveProgress(Progress):
                 transient=True,
             )
             self.bar.start()
-            self.task = self.bar.add_task("timing", total=count, batch=batch_size)
+            self.task = self.bar.add_task("timing", total=total, what=what, batch=batch)
         assert self.task is not None
-        self.bar.update(self.task, batch=batch_size, completed=index - 1)
+        self.bar.update(self.task, what=what, batch=batch, completed=completed, total=total)
 
     def timed(self, batch_size: int, timing: StepTiming) -> None:
         self._line(

@@ -112,7 +112,7 @@ class _Measure:
             return None
         if b not in self.timings:
             self.say(f"timing micro-batch {b}")
-            self.timings[b] = self.session.time(b)
+            self.timings[b] = self.session.time([b])[b]
         return self.timings[b]
 
 

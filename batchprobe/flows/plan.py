@@ -18,12 +18,20 @@ from batchprobe import launcher
 from batchprobe.errors import ModelError, Problem, SpecError
 from batchprobe.flows import noise as noise_flow
 from batchprobe.flows.progress import Progress
-from batchprobe.planning import Measurement, PlanSettings, make_plan, resolve_lr_rule
+from batchprobe.planning import (
+    Measurement,
+    Plan,
+    PlanSettings,
+    cost,
+    make_plan,
+    resolve_lr_rule,
+)
 from batchprobe.results import Failure, PlanRun, StepTiming
 from batchprobe.search import Outcome
 from batchprobe.session import Session
 from batchprobe.timing import flops_per_sample
 
+PLATEAU_WIDE = 0.15  # rows this close to the best are where an exact divisor is worth timing
 NOISE_WARNING_RATIO = 4  # a global batch this many times B_noise needs 5x the minimal samples
 
 
@@ -82,6 +90,27 @@ def _measure(session: Session, run: PlanRun, progress: Progress) -> None:
     progress.phase("headroom")
     run.headroom_batch_size = _headroom_size(session, run, progress)
     sizes = candidates(session, fm.max_batch_size, run.headroom_batch_size)
+    fitting = _fitting(session, run, sizes)
+    if session.spec.plan.peak_tflops is not None or _peak_flops(session) is not None:
+        progress.phase("flops")
+        run.flops_fixed, run.flops_per_sample, run.flops_conv_share = flops_per_sample(session.step)
+    progress.phase("timing")
+    _time(session, run, fitting, progress)
+    if session.spec.plan.candidates:
+        return
+    # -- the exact target: micro-batches that divide it, near the plateau just measured
+    extra = exact_candidates(
+        make_plan(_measurements(run), settings(session, run)),
+        limit=run.headroom_batch_size or fm.max_batch_size,
+        tried=set(run.timings) | set(sizes),
+    )
+    if extra:
+        progress.phase("exact")
+        _time(session, run, _fitting(session, run, extra), progress)
+
+
+def _fitting(session: Session, run: PlanRun, sizes: list[int]) -> list[int]:
+    """The sizes that fit, each with its probe (peak) in run.peaks."""
     fitting = []
     for b in sizes:
         if b not in run.peaks:
@@ -93,30 +122,32 @@ def _measure(session: Session, run: PlanRun, progress: Progress) -> None:
                 continue
             run.peaks[b] = probe
         fitting.append(b)
-    if session.spec.plan.peak_tflops is not None or _peak_flops(session) is not None:
-        progress.phase("flops")
-        run.flops_fixed, run.flops_per_sample, run.flops_conv_share = flops_per_sample(session.step)
-    progress.phase("timing")
-    for i, b in enumerate(fitting, 1):
-        progress.candidate(b, i, len(fitting))
-        timing = _time(session, run, b)
-        if timing is None:
-            continue
-        run.timings[b] = timing
-        progress.timed(b, timing)
+    return fitting
 
 
-def _time(session: Session, run: PlanRun, b: int) -> StepTiming | None:
-    timing = session.time(b)
-    if not isinstance(timing, Failure):
-        return timing
-    if timing.outcome is Outcome.ERROR:
-        raise ModelError(f"timing micro-batch {b} failed: {timing.message}")
-    run.warnings.append(
-        f"micro-batch {b} fit when probed but hit {timing.outcome} while timed "
-        f"({timing.message}); skipped"
-    )
-    return None
+def _time(session: Session, run: PlanRun, sizes: list[int], progress: Progress) -> None:
+    measured: dict[int, StepTiming | Failure] = {}
+    try:
+        session.time(sizes, progress, into=measured)
+    except KeyboardInterrupt:  # the rows measured so far are kept
+        _keep_timings(run, measured, interrupted=True)
+        raise
+    _keep_timings(run, measured)
+
+
+def _keep_timings(
+    run: PlanRun, measured: dict[int, StepTiming | Failure], interrupted: bool = False
+) -> None:
+    for b, timing in sorted(measured.items()):
+        if not isinstance(timing, Failure):
+            run.timings[b] = timing
+        elif timing.outcome is Outcome.ERROR and not interrupted:
+            raise ModelError(f"timing micro-batch {b} failed: {timing.message}")
+        else:
+            run.warnings.append(
+                f"micro-batch {b} fit when probed but hit {timing.outcome} while timed "
+                f"({timing.message}); skipped"
+            )
 
 
 def _headroom_size(session: Session, run: PlanRun, progress: Progress) -> int | None:
@@ -157,6 +188,35 @@ def candidates(session: Session, max_batch: int, headroom_batch: int | None) -> 
     if headroom_batch:
         sizes.add(headroom_batch)
     return sorted(sizes)
+
+
+EXACT_NEAR = 2.0  # divisors within this factor of the plateau's micro-batches are tried
+EXACT_MAX = 3  # at most this many extra micro-batches
+
+
+def exact_candidates(plan: Plan, limit: int, tried: set[int]) -> list[int]:
+    """Micro-batches that reach the target global batch exactly (they divide the target per
+    device), when the preliminary pick does not: the largest one up to `limit` (the headroom
+    size), so that the exact target is on the table whenever memory allows it, and up to
+    EXACT_MAX more within EXACT_NEAR of the micro-batches on the plateau (eligible rows within
+    PLATEAU_WIDE of the best), nearest to the pick first; none already tried."""
+    s = plan.settings
+    choice = plan.recommended
+    if choice is None or choice.divides_exactly or s.target_global_batch % s.world_size:
+        return []
+    per_device = s.target_global_batch // s.world_size
+    divisors = [d for d in range(1, min(per_device, limit) + 1) if per_device % d == 0]
+    best = min(cost(r) for r in plan.rows if r.eligible)
+    plateau = [
+        r.micro_batch_size for r in plan.rows if r.eligible and cost(r) <= best * (1 + PLATEAU_WIDE)
+    ]
+    low, high = min(plateau) / EXACT_NEAR, max(plateau) * EXACT_NEAR
+    near = [d for d in divisors if low <= d <= high and d not in tried]
+    near.sort(key=lambda d: abs(math.log(d / choice.micro_batch_size)))
+    picked = set(near[:EXACT_MAX])
+    if divisors[-1] not in tried:
+        picked.add(divisors[-1])
+    return sorted(picked)
 
 
 def _peak_flops(session: Session, conv_share: float = 0.0) -> float | None:

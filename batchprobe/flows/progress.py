@@ -7,7 +7,7 @@ from typing import Literal
 
 from batchprobe.results import EstimatePoint, NoiseStats, ProbeResult, StepTiming
 
-Phase = Literal["noise-scale", "find-max", "headroom", "flops", "timing"]
+Phase = Literal["noise-scale", "find-max", "headroom", "flops", "timing", "exact"]
 
 
 class Progress:
@@ -22,6 +22,10 @@ class Progress:
 
     def candidate(self, batch_size: int, index: int, count: int) -> None:
         """plan starts measuring candidate `index` of `count`."""
+
+    def round(self, index: int, count: int) -> None:
+        """Timing goes over every candidate again: round `index` of `count` (more rounds
+        follow, for the candidates still unstable, when `index` > `count`)."""
 
     def timed(self, batch_size: int, timing: StepTiming) -> None:
         """A candidate's timing is done."""

@@ -53,14 +53,21 @@ def num(x: float | None, digits: int = 3) -> str:
     return f"{x:.{max(0, digits - 1 - magnitude)}f}"
 
 
-def lr_text(x: float | None) -> str:
-    """Compact learning rates: 0.4, 0.0125, 6.0e-4."""
-    if x is None:
-        return "-"
-    if 1e-2 <= x < 100:
-        return f"{x:.3g}"
-    mantissa, exponent = f"{x:.1e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
+def lr_column(values: Sequence[float | None]) -> list[str]:
+    """Learning rates of one column in one notation: plain (0.2, 0.0125) when all of them read
+    well that way (>= 0.01), else all in exponent notation (1.3e-3, 1.1e-2)."""
+    known = [v for v in values if v is not None]
+    plain = all(1e-2 <= v < 100 for v in known)
+    out = []
+    for v in values:
+        if v is None:
+            out.append("-")
+        elif plain:
+            out.append(f"{v:.3g}")
+        else:
+            mantissa, exponent = f"{v:.1e}".split("e")
+            out.append(f"{mantissa}e{int(exponent)}")
+    return out
 
 
 def plural(n: int, word: str) -> str:

@@ -85,7 +85,8 @@ PLAN_COLUMNS = (
     "fwd_bwd_time_s", "optimizer_time_s", "fwd_bwd_nosync_time_s", "step_time_s", "update_time_s",
     "samples_per_s",
     "tokens_per_s", "mfu", "lr", "warmup", "warmup_steps", "optimizer_steps", "projected_seconds",
-    "within_headroom", "divides_exactly", "timing_spread",
+    "within_headroom", "divides_exactly", "timing_spread", "timing_stable", "eligible",
+    "excluded_because",
 )  # fmt: skip
 
 
@@ -110,6 +111,7 @@ def plan_json(run: PlanRun, source: str) -> dict[str, Any]:
         "headroom_batch_size": run.headroom_batch_size,
         "lr_scaling": settings.lr_rule if settings else None,
         "peak_flops": settings.peak_flops if settings else None,
+        "threads": fm.device.details.get("threads"),
         "rows": rows,
         "recommended": recommended,
         "recommendation_reason": plan.reason if plan else None,
@@ -119,7 +121,10 @@ def plan_json(run: PlanRun, source: str) -> dict[str, Any]:
         "find_max": find_max_json(fm, source),
         "provenance": {
             "peak_bytes": "measured (full training steps)",
-            "fwd_bwd_time_s": "measured (median of timed steps after warm-up)",
+            "fwd_bwd_time_s": (
+                "measured: first quartile of timed steps after warm-up, the candidates "
+                "interleaved in rounds"
+            ),
             "optimizer_time_s": "measured",
             "samples_per_s": "derived from measured step times",
             "projected_seconds": "estimated: optimizer steps x measured update time",

@@ -10,88 +10,110 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from batchprobe.planning import Plan
-from batchprobe.report.format import byte_unit, lr_text, num, percent, time_unit
+from batchprobe.planning import UNSTABLE_SPREAD, Plan, Row
+from batchprobe.report.format import byte_unit, lr_column, num, percent, time_unit
 from batchprobe.report.json import PLAN_COLUMNS
 from batchprobe.results import PlanRun
 from batchprobe.spec import OPTIMIZER_CLASSES
 from batchprobe.units import format_bytes, format_count, format_seconds
 
+#: columns dropped, in this order, when the table is wider than the terminal (the figures stay
+#: in --json and --csv); a value is never cut
+DROP_ORDER = ("optim", "tokens\n/s", "%\nlimit", "warm-up\nsteps", "fwd+bwd", "MFU", "peak")
 
-def plan_table(plan: Plan) -> Table:
-    """One row per candidate micro-batch; units in the headers; ★ marks the recommendation."""
+
+def plan_table(plan: Plan, width: int | None = None, threads: int | None = None) -> Table:
+    """One row per candidate micro-batch; units in the headers; ★ marks the recommendation,
+    dim rows are not eligible (the caption says why), ~ marks an unstable timing. With
+    `width`, columns are dropped (DROP_ORDER) until the table fits."""
     rows = plan.rows
     mem_unit, mem_div = byte_unit([r.peak_bytes for r in rows])
     step_unit, step_div = time_unit(
         [r.fwd_bwd_time_s for r in rows] + [r.optimizer_time_s for r in rows]
     )
     run_unit, run_div = time_unit([r.projected_seconds for r in rows])
-    has_tokens = any(r.tokens_per_s is not None for r in rows)
-    has_mfu = any(r.mfu is not None for r in rows)
-    has_lr = any(r.lr is not None for r in rows)
-    has_run = any(r.projected_seconds is not None for r in rows)
+    chosen = plan.recommended.micro_batch_size if plan.recommended else None
+    lrs = lr_column([r.lr for r in rows])
+    columns: list[tuple[str, list[str]]] = [
+        ("micro", [("★ " if r.micro_batch_size == chosen else "") + str(r.micro_batch_size) for r in rows]),
+        ("accum", [str(r.grad_accum_steps) for r in rows]),
+        ("global", [f"{r.global_batch_size}" + ("" if r.divides_exactly else "*") for r in rows]),
+        (f"peak\n{mem_unit}", [num(r.peak_bytes / mem_div if r.peak_bytes is not None else None) for r in rows]),
+        ("%\nlimit", [f"{100 * r.peak_fraction:.0f}%" if r.peak_fraction is not None else "-" for r in rows]),
+        (f"fwd+bwd\n{step_unit}", [num(r.fwd_bwd_time_s / step_div) for r in rows]),
+        (f"optim\n{step_unit}", [num(r.optimizer_time_s / step_div) for r in rows]),
+        ("samples\n/s", [("" if r.timing_stable else "~") + format_count(r.samples_per_s) for r in rows]),
+    ]  # fmt: skip
+    if any(r.tokens_per_s is not None for r in rows):
+        columns.append(("tokens\n/s", [format_count(r.tokens_per_s) for r in rows]))
+    if any(r.mfu is not None for r in rows):
+        columns.append(("MFU", [f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-" for r in rows]))
+    if any(r.lr is not None for r in rows):
+        columns.append(("LR", lrs))
+        columns.append(
+            (
+                "warm-up\nsteps",
+                [str(r.warmup_steps) if r.warmup_steps is not None else r.warmup for r in rows],
+            )
+        )
+    if any(r.projected_seconds is not None for r in rows):
+        columns.append(
+            (
+                f"run\n{run_unit}",
+                [num(r.projected_seconds / run_div if r.projected_seconds else None) for r in rows],
+            )
+        )
+    dropped: list[str] = []
+    if width is not None:
+        for name in DROP_ORDER:
+            if _width(columns) + 2 <= width:  # the box's edges: a space each side
+                break
+            kept = [c for c in columns if not c[0].startswith(name)]
+            if len(kept) < len(columns):
+                dropped += [c[0].split("\n")[0] for c in columns if c[0].startswith(name)]
+                columns = kept
     table = Table(
         title="Plan", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0)
     )
-    columns = [
-        "micro",
-        "accum",
-        "global",
-        f"peak\n{mem_unit}",
-        "%\nlimit",
-        f"fwd+bwd\n{step_unit}",
-        f"optim\n{step_unit}",
-        "samples\n/s",
-    ]
-    if has_tokens:
-        columns.append("tokens\n/s")
-    if has_mfu:
-        columns.append("MFU")
-    if has_lr:
-        columns += ["LR", "warm-up\nsteps"]
-    if has_run:
-        columns.append(f"run\n{run_unit}")
-    for name in columns:
+    for name, _ in columns:
         table.add_column(name, justify="right", no_wrap=True)
-    chosen = plan.recommended.micro_batch_size if plan.recommended else None
-    for r in rows:
-        mark = "★ " if r.micro_batch_size == chosen else ""
-        cells = [
-            f"{mark}{r.micro_batch_size}",
-            str(r.grad_accum_steps),
-            f"{r.global_batch_size}" + ("" if r.divides_exactly else "*"),
-            num(r.peak_bytes / mem_div if r.peak_bytes is not None else None),
-            f"{100 * r.peak_fraction:.0f}%" if r.peak_fraction is not None else "-",
-            num(r.fwd_bwd_time_s / step_div),
-            num(r.optimizer_time_s / step_div),
-            format_count(r.samples_per_s),
-        ]
-        if has_tokens:
-            cells.append(format_count(r.tokens_per_s))
-        if has_mfu:
-            cells.append(f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-")
-        if has_lr:
-            cells.append(lr_text(r.lr))
-            cells.append(str(r.warmup_steps) if r.warmup_steps is not None else r.warmup)
-        if has_run:
-            cells.append(num(r.projected_seconds / run_div if r.projected_seconds else None))
-        style = (
-            "bold green"
-            if r.micro_batch_size == chosen
-            else ("dim" if not r.within_headroom else "")
-        )
-        table.add_row(*cells, style=style)
+    for i, r in enumerate(rows):
+        style = "bold green" if r.micro_batch_size == chosen else ("dim" if not r.eligible else "")
+        table.add_row(*(cells[i] for _, cells in columns), style=style)
     notes = []
-    if any(not r.within_headroom for r in rows):
-        notes.append(f"dim: peak above the {plan.settings.headroom:.0%} headroom")
+    excluded: dict[str, list[int]] = {}
+    for r in rows:
+        if r.excluded_because is not None:
+            excluded.setdefault(r.excluded_because, []).append(r.micro_batch_size)
+    for why, sizes in excluded.items():
+        notes.append(f"dim {', '.join(map(str, sizes))}: not eligible, {why}")
     if any(not r.divides_exactly for r in rows):
         notes.append(
             f"*: global batch rounded up from the target {plan.settings.target_global_batch}"
         )
+    if any(not r.timing_stable for r in rows):
+        notes.append(
+            f"~: timing unstable (steps varied by more than {UNSTABLE_SPREAD:.0%}; "
+            "the machine was busy)"
+        )
+    if threads is not None:
+        notes.append(f"timed on {threads} CPU thread{'s' if threads > 1 else ''}")
+    if dropped:
+        notes.append(f"columns left out to fit the terminal: {', '.join(dropped)} (see --json)")
     if notes:
-        table.caption = "; ".join(notes)
+        table.caption = "\n".join(notes)
         table.caption_justify = "left"
     return table
+
+
+def _width(columns: list[tuple[str, list[str]]]) -> int:
+    """The table's width: each column as wide as its widest header line or cell, one space
+    between columns."""
+    widths = [
+        max(len(line) for text in [name, *cells] for line in text.split("\n"))
+        for name, cells in columns
+    ]
+    return sum(widths) + len(widths) - 1
 
 
 def recommendation_panel(plan: Plan) -> Panel:
@@ -142,36 +164,51 @@ def recommendation_panel(plan: Plan) -> Panel:
         )
     text.append(f"why: {plan.reason}\n", style="dim")
     text.append("\nHugging Face Trainer\n", style="bold")
-    hf = [
-        f"per_device_train_batch_size={r.micro_batch_size}",
-        f"gradient_accumulation_steps={r.grad_accum_steps}",
+    text.append("\n".join(f"  {line}" for line in hf_snippet(r)) + "\n")
+    text.append("\nPyTorch loop\n", style="bold")
+    text.append("\n".join(f"  {line}" for line in loop_snippet(r, s.optimizer)))
+    return Panel(text, title="Recommendation", title_align="left", expand=False)
+
+
+def hf_snippet(r: Row) -> list[str]:
+    """TrainingArguments for the recommendation, one argument per line (short lines: a
+    terminal never wraps them, so they paste as they are)."""
+    args = [
+        f"per_device_train_batch_size={r.micro_batch_size},",
+        f"gradient_accumulation_steps={r.grad_accum_steps},",
     ]
     if r.lr is not None:
-        hf.append(f"learning_rate={r.lr:.4g}")
+        args.append(f"learning_rate={r.lr:.4g},")
     if r.warmup_steps:
-        hf.append(f"warmup_steps={r.warmup_steps}")
-    text.append("  TrainingArguments(" + ", ".join(hf) + ", ...)\n")
-    text.append("\nPyTorch loop\n", style="bold")
-    lines = [
-        f"micro_batch_size, grad_accum_steps = {r.micro_batch_size}, {r.grad_accum_steps}",
-    ]
-    torch_class = OPTIMIZER_CLASSES.get(s.optimizer)
+        args.append(f"warmup_steps={r.warmup_steps},")
+    return ["TrainingArguments(", *(f"    {a}" for a in args), "    ...", ")"]
+
+
+def loop_snippet(r: Row, optimizer: str) -> list[str]:
+    """A plain PyTorch accumulation loop for the recommendation, in short lines."""
+    lines = [f"micro_batch_size, grad_accum_steps = {r.micro_batch_size}, {r.grad_accum_steps}"]
+    torch_class = OPTIMIZER_CLASSES.get(optimizer)
     if r.lr is not None and torch_class:
-        lines.append(f"optimizer = torch.optim.{torch_class}(model.parameters(), lr={r.lr:.4g})")
+        lines += [
+            f"optimizer = torch.optim.{torch_class}(",
+            f"    model.parameters(), lr={r.lr:.4g}",
+            ")",
+        ]
     if r.warmup_steps:
-        lines.append(
-            f"scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / {r.warmup_steps}))"
-        )
-    lines += [
-        "for i, (x, y) in enumerate(loader):  # loader yields micro-batches",
+        lines += [
+            "scheduler = torch.optim.lr_scheduler.LambdaLR(",
+            f"    optimizer, lambda s: min(1.0, (s + 1) / {r.warmup_steps})",
+            ")",
+        ]
+    return [
+        *lines,
+        "for i, (x, y) in enumerate(loader):  # micro-batches",
         "    loss = loss_fn(model(x), y) / grad_accum_steps",
         "    loss.backward()",
         "    if (i + 1) % grad_accum_steps == 0:",
         "        optimizer.step()" + ("; scheduler.step()" if r.warmup_steps else ""),
         "        optimizer.zero_grad(set_to_none=True)",
     ]
-    text.append("\n".join(f"  {line}" for line in lines))
-    return Panel(text, title="Recommendation", title_align="left", expand=False)
 
 
 def _bar(value: float, top: float, width: int) -> str:
@@ -241,14 +278,15 @@ def plan_markdown(plan: Plan, run: PlanRun, source: str) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     chosen = plan.recommended.micro_batch_size if plan.recommended else None
-    for r in plan.rows:
+    lrs = lr_column([r.lr for r in plan.rows])
+    for r, lr in zip(plan.rows, lrs, strict=True):
         star = " ★" if r.micro_batch_size == chosen else ""
         lines.append(
             f"| {r.micro_batch_size}{star} | {r.grad_accum_steps} | {r.global_batch_size} | "
             f"{format_bytes(r.peak_bytes)} | {percent(r.peak_fraction or 0, 1) if r.peak_fraction is not None else '-'} | "
             f"{r.fwd_bwd_time_s:.4g} | {r.optimizer_time_s:.4g} | {format_count(r.samples_per_s)} | "
             f"{format_count(r.tokens_per_s)} | {f'{100 * r.mfu:.1f}%' if r.mfu is not None else '-'} | "
-            f"{lr_text(r.lr)} | {r.warmup_steps if r.warmup_steps is not None else '-'} | "
+            f"{lr} | {r.warmup_steps if r.warmup_steps is not None else '-'} | "
             f"{format_seconds(r.projected_seconds)} |"
         )
     if plan.recommended:
