@@ -542,6 +542,16 @@ class CheckOutcome:
     measured: float | None
     passed: bool
     detail: str = ""
+    #: throughput checks: the timing's relative spread; a drop is a failure only beyond
+    #: tolerance + noise (see flows.check.speed_verdict)
+    noise: float | None = None
+
+    @property
+    def confidence(self) -> str | None:
+        """ "firm" when the timing was steady, "noisy" when the machine was busy."""
+        if self.noise is None:
+            return None
+        return "firm" if self.noise <= UNSTABLE_SPREAD else "noisy"
 
     @property
     def threshold(self) -> float:
@@ -564,6 +574,8 @@ class CheckOutcome:
             "measured": self.measured,
             "passed": self.passed,
             "detail": self.detail,
+            "noise": None if self.noise is None else round(self.noise, 4),
+            "confidence": self.confidence,
         }
 
 

@@ -117,34 +117,7 @@ class Session:
         groups = [[b] for b in sizes] if self.spec.train.compile else [list(sizes)]
         done = 0
         for group in groups:
-            raw: dict[int, StepTiming | Failure] = {}
-
-            def on_size(b: int, i: int, _: int, offset: int = done) -> None:
-                if progress is not None:
-                    progress.candidate(b, offset + i, len(sizes))
-
-            try:
-                time_sizes(
-                    self.step,
-                    self.device,
-                    group,
-                    min_time_s=self.spec.plan.min_time_s,
-                    nosync=self.ranks.distributed,
-                    any_rank=self.ranks.any_rank,
-                    on_size=on_size,
-                    on_round=progress.round if progress is not None else None,
-                    into=raw,
-                )
-            except KeyboardInterrupt:
-                out.update(raw)  # as measured here: no collective after Ctrl-C
-                raise
-            for b, t in raw.items():
-                if isinstance(t, Failure):
-                    out[b] = self.ranks.agree_failure(t)
-                    continue
-                out[b] = agreed = self.ranks.agree_timing(t)
-                if progress is not None:
-                    progress.timed(b, agreed)
+            _time_group(self, group, done, len(sizes), progress, out)
             done += len(group)
         return out
 
@@ -472,3 +445,42 @@ def _budget(spec: Spec) -> MemorySize | None:
         raise SpecError(
             [Problem("BATCHPROBE_MEMORY_BUDGET", str(exc), source="environment")]
         ) from None
+
+
+def _time_group(
+    session: Session,
+    group: list[int],
+    offset: int,
+    count: int,
+    progress: TimingProgress | None,
+    out: dict[int, StepTiming | Failure],
+) -> None:
+    """Time `group` (sizes `offset`+1... of `count`) and agree the figures across ranks."""
+
+    def on_size(b: int, i: int, _: int) -> None:
+        if progress is not None:
+            progress.candidate(b, offset + i, count)
+
+    raw: dict[int, StepTiming | Failure] = {}
+    try:
+        time_sizes(
+            session.step,
+            session.device,
+            group,
+            min_time_s=session.spec.plan.min_time_s,
+            nosync=session.ranks.distributed,
+            any_rank=session.ranks.any_rank,
+            on_size=on_size,
+            on_round=progress.round if progress is not None else None,
+            into=raw,
+        )
+    except KeyboardInterrupt:
+        out.update(raw)  # as measured here: no collective after Ctrl-C
+        raise
+    for b, t in raw.items():
+        if isinstance(t, Failure):
+            out[b] = session.ranks.agree_failure(t)
+            continue
+        out[b] = agreed = session.ranks.agree_timing(t)
+        if progress is not None:
+            progress.timed(b, agreed)

@@ -106,12 +106,13 @@ class _Measure:
             self.probes[b] = self.session.probe(b)
         return self.probes[b]
 
-    def timing(self, b: int) -> StepTiming | Failure | None:
-        """None when `b` does not fit; a Failure when a step failed while timed."""
+    def timing(self, b: int, again: bool = False) -> StepTiming | Failure | None:
+        """None when `b` does not fit; a Failure when a step failed while timed. `again`
+        measures anew."""
         if self.probe(b).outcome is not Outcome.FIT:
             return None
-        if b not in self.timings:
-            self.say(f"timing micro-batch {b}")
+        if b not in self.timings or again:
+            self.say(f"timing micro-batch {b}" + (" again" if again else ""))
             self.timings[b] = self.session.time([b])[b]
         return self.timings[b]
 
@@ -146,6 +147,18 @@ def _evaluate_memory(e: Expectation, tol: float, m: _Measure) -> CheckOutcome | 
     )
 
 
+def speed_verdict(expected: float, tol: float, rate: float, noise: float) -> tuple[bool, str]:
+    """A throughput expectation against a measurement with relative `noise` (the timing's
+    spread): it fails only when the drop exceeds the tolerance plus the noise — a busy
+    machine widens the margin, it does not fail the check — and says how sure it is."""
+    drop = 1 - rate / expected
+    if drop <= tol:
+        return True, "within tolerance"
+    if drop <= tol + noise:
+        return True, f"{drop:.0%} below, within tolerance + measured noise ({noise:.0%}): unsure"
+    return False, f"{drop:.0%} below: more than tolerance + measured noise ({tol + noise:.0%})"
+
+
 def _evaluate_speed(e: Expectation, tol: float, m: _Measure) -> CheckOutcome:
     assert e.micro_batch_size is not None
     b = e.micro_batch_size
@@ -158,14 +171,21 @@ def _evaluate_speed(e: Expectation, tol: float, m: _Measure) -> CheckOutcome:
         return CheckOutcome(
             e, tol, None, False, f"micro-batch {b} failed while timed ({t.kind}: {t.message})"
         )
-    rate = b / t.step_s * (m.tokens if e.name == "tokens_per_s" and m.tokens else 1)
-    note = " (unstable timing)" if t.unstable else ""
+    scale = b * (m.tokens if e.name == "tokens_per_s" and m.tokens else 1)
+    passed, why = speed_verdict(e.value, tol, scale / t.step_s, t.spread)
+    if not passed:  # measure again before failing: load only slows a step, keep the faster
+        again = m.timing(b, again=True)
+        if isinstance(again, StepTiming):
+            t = min(t, again, key=lambda x: x.step_s)
+            passed, why = speed_verdict(e.value, tol, scale / t.step_s, t.spread)
+            why += " (measured twice)"
     return CheckOutcome(
         e,
         tol,
-        rate,
-        rate >= e.value * (1 - tol),
-        f"step {t.step_s * 1e3:.3g} ms at micro-batch {b}{note}",
+        scale / t.step_s,
+        passed,
+        f"step {t.step_s * 1e3:.3g} ms at micro-batch {b}, spread {t.spread:.0%}; {why}",
+        noise=t.spread,
     )
 
 
@@ -195,6 +215,7 @@ def _baseline(
                 "peak_bytes": result.peak_bytes if result.outcome is Outcome.FIT else None,
                 "samples_per_s": b / step_s if step_s else None,
                 "tokens_per_s": b / step_s * m.tokens if step_s and m.tokens else None,
+                "timing_spread": t.spread if isinstance(t, StepTiming) else None,
             }
         )
     info = session.backend.info()
