@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from batchprobe.errors import Problem, SpecError
-from batchprobe.sources import hf, imports, timm_models, torchvision_models, zoo
+from batchprobe.sources import hf, imports, objects, timm_models, torchvision_models, zoo
 from batchprobe.sources.base import BuiltModel, Source
 from batchprobe.sources.imports import import_object
 from batchprobe.sources.inputs import Batch, BatchFn, Inputs, make_batch_fn, resolve_inputs, wire
@@ -41,7 +41,8 @@ __all__ = [
 ]
 
 SOURCES: dict[str, Source] = {
-    s.prefix: s for s in (zoo.SOURCE, torchvision_models.SOURCE, timm_models.SOURCE, hf.SOURCE)
+    s.prefix: s
+    for s in (zoo.SOURCE, torchvision_models.SOURCE, timm_models.SOURCE, hf.SOURCE, objects.SOURCE)
 }
 
 

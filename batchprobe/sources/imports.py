@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from batchprobe.errors import ModelError, Problem, SpecError
+from batchprobe.sources import objects
 from batchprobe.sources.base import BuiltModel, InputDefaults, call_factory
 from batchprobe.spec import Spec
 
@@ -23,6 +24,8 @@ from batchprobe.spec import Spec
 def import_object(ref: str, key: str, base_dir: Path | None = None) -> Any:
     """'pkg.module:name' or 'path/to/file.py:name' -> the object. Errors name the spec key."""
     target, sep, name = ref.rpartition(":")
+    if target == objects.PREFIX:
+        return objects.lookup(name, key)
     if not sep or not target or not name:
         raise SpecError([Problem(key, f"{ref!r} must look like pkg.module:name or file.py:name")])
     module = _load_file(target, key, base_dir) if target.endswith(".py") else _import(target, key)

@@ -109,6 +109,17 @@ def resolve_inputs(spec_inputs: InputsSpec, defaults: InputDefaults, source: str
             values["kind"] = "tokens"
         elif shape is not None:
             values["kind"] = "image" if len(shape) == 3 else "tensor"
+        elif source.startswith("object:"):
+            raise SpecError(
+                [
+                    Problem(
+                        "inputs",
+                        "an in-memory model needs a batch function: "
+                        "find_max_batch_size(model, batch_fn) with batch_fn(batch_size, device) "
+                        "returning the batch, e.g. (x, y)",
+                    )
+                ]
+            )
         else:
             raise SpecError(
                 [
