@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -355,3 +356,22 @@ def test_ctrl_c_in_the_headroom_search_says_nothing_false(tmp_path: Path) -> Non
     assert "headroom" not in " ".join(data["warnings"])
     assert "no micro-batch keeps" not in text and "rows above" not in text
     assert "Interrupted before any micro-batch was timed" in text
+
+
+def test_a_shape_error_is_told_once_with_an_unbroken_traceback() -> None:
+    # seen: 18 lines of torch's fake-tensor log before batchprobe's message, and a traceback
+    # broken at 80 columns in the middle of file paths
+    fixtures = str(Path(__file__).parent / "fixtures")
+    result = subprocess.run(
+        [sys.executable, "-m", "batchprobe", "find-max", "--model", "user_models:shape_bug",
+         "--input", "16", "--num-classes", "4", "--device", "cpu", "--memory-budget", "64MiB"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "COLUMNS": "80", "PYTHONPATH": fixtures},
+    )  # fmt: skip
+    assert result.returncode == 2
+    err, both = result.stderr, result.stdout + result.stderr
+    assert "fake_tensor.py" not in both and "failed while attempting to run meta" not in both
+    assert "could not trace the model" in both  # said once, in batchprobe's words
+    frames = [line for line in err.splitlines() if line.strip().startswith('File "')]
+    assert frames and all('", line ' in line for line in frames)  # each frame on one line
+    assert any("module.py" in line and len(line) > 80 for line in frames)

@@ -39,8 +39,11 @@ def exit_after_search(out: Out, result: FindMaxResult) -> None:
                 style="bold red",
             )
         )
-        out.err.print(
-            error.failure.traceback or error.failure.message, markup=False, highlight=False
+        out.err.print(  # as Python prints it: long lines are not broken (paths stay whole)
+            error.failure.traceback or error.failure.message,
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
         )
         raise typer.Exit(EXIT_BAD_INPUT)
     if result.interrupted:

@@ -136,16 +136,21 @@ def build_workload(spec: Spec, device: torch.device | str = "cpu") -> Workload:
     )
 
 
+FAKE_TENSOR_LOG = "torch._subclasses.fake_tensor"
+
+
 @contextlib.contextmanager
 def quiet_warnings() -> Iterator[None]:
-    """Silence library chatter (transformers/timm logging) while building models."""
+    """Silence library chatter (transformers/timm logging) while building and tracing models."""
     import logging
     import warnings
 
-    loggers = [logging.getLogger(n) for n in ("transformers", "timm", "torch")]
+    loggers = [logging.getLogger(n) for n in ("transformers", "timm", "torch", FAKE_TENSOR_LOG)]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        # the fake-tensor log prints a whole traceback at ERROR for a shape bug a trace meets;
+        # batchprobe says it in one line ("could not trace the model (...)")
+        lg.setLevel(logging.CRITICAL if lg.name == FAKE_TENSOR_LOG else logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
