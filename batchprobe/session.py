@@ -470,6 +470,7 @@ def _time_group(
             min_time_s=session.spec.plan.min_time_s,
             nosync=session.ranks.distributed,
             any_rank=session.ranks.any_rank,
+            agree_failure=session.ranks.agree_failure,
             on_size=on_size,
             on_round=progress.round if progress is not None else None,
             into=raw,
@@ -478,8 +479,8 @@ def _time_group(
         out.update(raw)  # as measured here: no collective after Ctrl-C
         raise
     for b, t in raw.items():
-        if isinstance(t, Failure):
-            out[b] = session.ranks.agree_failure(t)
+        if isinstance(t, Failure):  # agreed already, when it happened
+            out[b] = t
             continue
         out[b] = agreed = session.ranks.agree_timing(t)
         if progress is not None:

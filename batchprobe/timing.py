@@ -109,6 +109,7 @@ def time_sizes(
     rounds: int = ROUNDS,
     nosync: bool = False,
     any_rank: AnyRank | None = None,
+    agree_failure: Callable[[Failure], Failure] | None = None,
     on_size: Callable[[int, int, int], None] | None = None,
     on_round: Callable[[int, int], None] | None = None,
     into: dict[int, StepTiming | Failure] | None = None,
@@ -128,7 +129,8 @@ def time_sizes(
     `any_rank(*flags)` says, for each flag, whether it is set on any rank: under torchrun every
     rank must run the same steps (each holds a collective), so "go on?" and "did a step fail?"
     are decided together after every step — a rank whose step failed stops with the others,
-    instead of leaving them in a collective (its failure is then agreed by the caller).
+    instead of leaving them in a collective; `agree_failure` then settles on every rank what
+    failed (the session's ranks), before the step starts afresh for the other sizes.
 
     `into` is filled as sizes finish, and on Ctrl-C with what was measured so far (the
     KeyboardInterrupt is then raised again)."""
@@ -150,12 +152,14 @@ def time_sizes(
         return m0, m1, m2
 
     def fail(b: int) -> None:
-        """Size `b` failed here or on another rank: drop it, start the step afresh."""
-        state.failed[b] = guarded.failure or Failure(
+        """Size `b` failed here or on another rank: drop it, agree on why (which, under
+        torchrun, also replaces the data group a failed collective aborted), start afresh."""
+        failure = guarded.failure or Failure(
             Outcome.ERROR, "error", PEER_FAILURE, "a step failed on another rank"
         )
-        out[b] = state.failed[b]
         guarded.failure = None
+        step.end()
+        state.failed[b] = out[b] = agree_failure(failure) if agree_failure else failure
         step.begin()
 
     def burst(b: int, count: int) -> bool:

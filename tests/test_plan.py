@@ -130,7 +130,8 @@ def test_human_output_fits_100_columns_without_truncation() -> None:
     text = console.export_text()
     assert "…" not in text
     assert max(len(line) for line in text.splitlines()) <= 100
-    assert "★" in text and "TrainingArguments(per_device_train_batch_size=" in text
+    assert "★" in text and "TrainingArguments(" in text
+    assert "    per_device_train_batch_size=" in text  # one argument per indented line
 
 
 @pytest.mark.slow
@@ -192,11 +193,12 @@ def test_micro_batches_that_divide_the_target_are_tried_near_the_plateau() -> No
     # seen: powers of two only, so a target of 100 was met as 128 (+28%, the LR moved with it)
     settings = PlanSettings(target_global_batch=100, total_samples=1e5)
     # per sample, 32 and 64 are the fastest; 64 x 2 = 128 overshoots the target
-    ms = [Measurement(b, None, t, 0.001) for b, t in {8: 0.02, 16: 0.03, 32: 0.05, 64: 0.1}.items()]
+    # (no power of two comes within 10% of 100: none is excluded for missing the target)
+    ms = [Measurement(b, None, t, 0.001) for b, t in {16: 0.03, 32: 0.05, 64: 0.1}.items()]
     preliminary = make_plan(ms, settings)
     assert preliminary.recommended is not None and not preliminary.recommended.divides_exactly
-    extra = plan_flow.exact_candidates(preliminary, limit=96, tried={8, 16, 32, 64})
-    assert extra and all(100 % d == 0 and d not in (8, 16, 32, 64) for d in extra)
+    extra = plan_flow.exact_candidates(preliminary, limit=96, tried={16, 32, 64})
+    assert extra and all(100 % d == 0 and d not in (16, 32, 64) for d in extra)
     assert 50 in extra and 25 in extra  # the divisors next to the plateau's 32-64
     assert max(extra) <= 96
     assert plan_flow.exact_candidates(preliminary, limit=40, tried=set()) == [20, 25]
