@@ -119,9 +119,9 @@ def time_sizes(
 
     So that other work on the machine cannot invert the comparison, the sizes are measured
     together: each is warmed up and timed for `FIRST_STEPS` steps in turn, then `rounds` rounds
-    visit every size with a burst of steps, in the order reversed every other round (ABBA: a
-    load that rises or falls steadily hits every size alike over two rounds); a size whose spread is still above UNSTABLE_SPREAD gets one more set
-    of rounds. Each figure is the first quartile of its steps (`low_quantile`), and `spread`
+    visit every size with a burst of steps, reversed and in order in turn (ABBA: a load that
+    rises or falls steadily hits every size alike over two rounds); a size whose spread is
+    still above UNSTABLE_SPREAD gets one more set of rounds. Each figure is the first quartile of its steps (`low_quantile`), and `spread`
     says how much they varied. Every size ends with at least `min_steps` timed steps and about
     `min_time_s` of them (at most `max_steps`; twice that when re-measured).
 

@@ -6,7 +6,9 @@
 2. find-max;
 3. the headroom size: the same exact search against headroom x limit, reusing measured peaks;
 4. a probe (peak) per candidate micro-batch, then — every probe done, so that with isolated probes
-   no child shares the device with this process's model — FLOPs and timed steps;
+   no child shares the device with this process's model — FLOPs and timed steps; then, when
+   the pick misses the target global batch, micro-batches that divide it (probed and timed;
+   not with isolated probes);
 5. pure planning math (`planning.make_plan`): accumulation, LR, wall-clock, recommendation.
 """
 
@@ -104,7 +106,13 @@ def _measure(session: Session, run: PlanRun, progress: Progress) -> None:
         limit=run.headroom_batch_size or fm.max_batch_size,
         tried=set(run.timings) | set(sizes),
     )
-    if extra:
+    if extra and session.isolated:  # children would share the device with the timed model
+        run.warnings.append(
+            f"micro-batches {', '.join(map(str, extra))} reach the target exactly but were not "
+            "timed: with isolated probes every probe comes before timing (list them in "
+            "plan.candidates)"
+        )
+    elif extra:
         progress.phase("exact")
         _time(session, run, _fitting(session, run, extra), progress)
 
