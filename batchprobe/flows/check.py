@@ -147,10 +147,16 @@ def _evaluate_memory(e: Expectation, tol: float, m: _Measure) -> CheckOutcome | 
     )
 
 
+NOISE_CAP = 0.5  # the most a measured spread widens a throughput check's margin
+
+
 def speed_verdict(expected: float, tol: float, rate: float, noise: float) -> tuple[bool, str]:
     """A throughput expectation against a measurement with relative `noise` (the timing's
     spread): it fails only when the drop exceeds the tolerance plus the noise — a busy
-    machine widens the margin, it does not fail the check — and says how sure it is."""
+    machine widens the margin, it does not fail the check — and says how sure it is. The noise
+    counts up to NOISE_CAP: a throughput below half the expectation (and the tolerance) fails
+    however busy the machine was."""
+    noise = min(noise, NOISE_CAP)
     drop = 1 - rate / expected
     if drop <= tol:
         return True, "within tolerance"
