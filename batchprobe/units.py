@@ -163,7 +163,8 @@ def format_count(x: float | None) -> str:
     """Rates and counts with k / M suffixes: 1.23k, 45.6M."""
     if x is None:
         return "-"
+    # by the rounded value: 999.7 is "1k", not "1e+03"
     for suffix, factor in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= factor:
+        if abs(float(f"{x:.3g}")) >= factor:
             return f"{x / factor:.3g}{suffix}"
     return f"{x:.3g}"

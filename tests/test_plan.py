@@ -241,3 +241,26 @@ def test_plan_reaches_an_odd_target_exactly(tmp_path: Path) -> None:
     expected = plan_flow.exact_candidates(preliminary, limit=64, tried=first)
     assert 25 in expected and extra == set(expected)
     assert all(r["divides_exactly"] for r in rows if r["micro_batch_size"] in extra)
+
+
+def test_the_table_fits_80_columns_by_leaving_columns_out_never_cutting_a_value() -> None:
+    # seen: with the MFU column at 80 columns the table cut values ("1.2…")
+    plan = _sample_plan()
+    console = Console(width=80, record=True, color_system=None)
+    console.print(plan_table(plan, width=80))
+    text = console.export_text()
+    assert "…" not in text and "e+" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "columns left out to fit the terminal:" in text
+    assert "MFU" in text  # what matters most stays
+    for r in plan.rows:  # every micro-batch and LR appears whole
+        assert f" {r.micro_batch_size} " in text or f"★ {r.micro_batch_size}" in text
+    lrs = [line.split()[-3] for line in text.splitlines() if line.strip()[:1].isdigit()]
+    assert len({"e" in lr for lr in lrs}) == 1  # one notation in the LR column
+
+
+def test_lr_column_uses_one_notation() -> None:
+    from batchprobe.report.format import lr_column
+
+    assert lr_column([0.0013, 0.0107, None]) == ["1.3e-3", "1.1e-2", "-"]
+    assert lr_column([0.2, 0.0125]) == ["0.2", "0.0125"]

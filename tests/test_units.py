@@ -72,3 +72,12 @@ def test_sizes_and_fractions_still_read() -> None:
     assert parse_memory_size("90%").fraction == 0.9
     assert parse_memory_size("1.5GiB").bytes == 1.5 * 1024**3
     assert parse_memory_size(8_000_000_000).bytes == 8_000_000_000
+
+
+def test_counts_round_into_the_next_suffix_not_into_exponent_notation() -> None:
+    from batchprobe.units import format_count
+
+    assert format_count(999.7) == "1k"  # was "1e+03"
+    assert format_count(999_700.0) == "1M"
+    assert format_count(615.2) == "615"
+    assert format_count(1450.0) == "1.45k"
