@@ -66,3 +66,14 @@ def test_a_model_reference_and_a_spec() -> None:
 def test_a_model_without_inputs_is_told_to_pass_a_batch_function() -> None:
     with pytest.raises(SpecError, match="batch function"):
         batchprobe.find_max_batch_size(nn.Conv2d(3, 8, 3), device="cpu", memory_budget="8MiB")
+
+
+def test_the_optimizer_keyword_takes_a_name_or_settings() -> None:
+    # SGD without momentum keeps no state; AdamW keeps two tensors per parameter: less room
+    common = {"device": "cpu", "memory_budget": "48MiB"}
+    sgd = batchprobe.find_max_batch_size(nn.Linear(1000, 1000), optimizer="sgd", **common)
+    adamw = batchprobe.find_max_batch_size(
+        nn.Linear(1000, 1000), optimizer={"name": "adamw", "lr": 1e-3}, **common
+    )
+    assert sgd.max_batch_size is not None and adamw.max_batch_size is not None
+    assert sgd.max_batch_size > adamw.max_batch_size
