@@ -267,9 +267,9 @@ class FindMaxResult:
 @dataclass(frozen=True)
 class StepTiming:
     batch_size: int
-    fwd_bwd_s: float  # median over timed steps
-    optimizer_s: float  # median; optimizer.step + zero_grad (+ scaler)
-    step_s: float  # median of fwd_bwd + optimizer per step
+    fwd_bwd_s: float  # first quartile over timed steps (timing.low_quantile)
+    optimizer_s: float  # first quartile; optimizer.step + zero_grad (+ scaler)
+    step_s: float  # first quartile of fwd_bwd + optimizer per step
     spread: float  # (q75 - q25) / median of the step times
     warmup_steps: int
     timed_steps: int

@@ -287,7 +287,7 @@ def _time_nosync(
     (failed,) = together(guarded.failure is not None)
     if failed or not pairs:
         return False
-    state.nosync[b] = statistics.median(backend.elapsed_s(a, c) for a, c in pairs)
+    state.nosync[b] = low_quantile([backend.elapsed_s(a, c) for a, c in pairs])
     return True
 
 
