@@ -50,18 +50,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch_ranks(
-    args: list[str], budgets: list[str], timeout: float = 300
-) -> tuple[list[str], float]:
-    """Start the ranks as torchrun does (RANK, WORLD_SIZE, MASTER_*), each with its own budget."""
+def start_ranks(
+    args: list[str], envs: list[dict[str, str]], timeout: float = 300
+) -> list[subprocess.CompletedProcess[str]]:
+    """Start one process per entry of `envs` as torchrun does (RANK, WORLD_SIZE, MASTER_*),
+    each with its own extra environment, and wait for all of them."""
     port = _free_port()
     procs = []
-    started = time.perf_counter()
-    for rank, budget in enumerate(budgets):
+    for rank, extra in enumerate(envs):
         env = _env() | {
-            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(len(budgets)),
-            "LOCAL_WORLD_SIZE": str(len(budgets)), "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port), "BATCHPROBE_MEMORY_BUDGET": budget,
+            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(len(envs)),
+            "LOCAL_WORLD_SIZE": str(len(envs)), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port), **extra,
         }  # fmt: skip
         procs.append(
             subprocess.Popen(
@@ -73,12 +73,22 @@ def launch_ranks(
                 cwd=ROOT,
             )
         )
-    outs = []
+    done = []
     for p in procs:
         out, err = p.communicate(timeout=timeout)
-        assert p.returncode == 0, err[-3000:]
-        outs.append(out)
-    return outs, time.perf_counter() - started
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return done
+
+
+def launch_ranks(
+    args: list[str], budgets: list[str], timeout: float = 300
+) -> tuple[list[str], float]:
+    """The ranks, each with its own budget: their outputs (all must succeed) and the seconds."""
+    started = time.perf_counter()
+    done = start_ranks(args, [{"BATCHPROBE_MEMORY_BUDGET": b} for b in budgets], timeout)
+    for d in done:
+        assert d.returncode == 0, d.stderr[-3000:]
+    return [d.stdout for d in done], time.perf_counter() - started
 
 
 def test_find_max_under_torchrun_prints_one_agreed_result() -> None:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 from conftest import cpu_fsdp
-from test_distributed import ROOT, _env, _free_port
+from test_distributed import _free_port, start_ranks
 
 pytestmark = pytest.mark.slow  # each test starts two processes
 TENSOR = "inputs={kind: tensor, shape: [16], num_classes: 4}"
@@ -20,32 +19,15 @@ def ranks(
     args: list[str], sim: dict | None = None, env: dict | None = None, timeout: float = 300
 ) -> list[subprocess.CompletedProcess[str]]:
     """Two ranks as torchrun starts them; on the simulated GPU, each sees one GPU of its own."""
-    port = _free_port()
-    procs = []
+    envs = []
     for rank in range(2):
-        rank_env = _env() | {
-            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **(env or {}),
-        }  # fmt: skip
+        extra = dict(env or {})
         if sim is not None:
             config = {"device_count": 1, "physical_id": rank, "total_bytes": "1GiB",
                       "context_bytes": "16MiB", "nccl_buffer_bytes": "8MiB", **sim}  # fmt: skip
-            rank_env["BATCHPROBE_SIMULATE_CUDA"] = json.dumps(config)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "batchprobe", *args],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=rank_env,
-                cwd=ROOT,
-            )
-        )
-    done = []
-    for p in procs:
-        out, err = p.communicate(timeout=timeout)
-        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    return done
+            extra["BATCHPROBE_SIMULATE_CUDA"] = json.dumps(config)
+        envs.append(extra)
+    return start_ranks(args, envs, timeout)
 
 
 def test_each_rank_with_its_one_visible_gpu() -> None:

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from batchprobe.cli import app
 from batchprobe.flows import plan as plan_flow
 from batchprobe.planning import Measurement, PlanSettings, make_plan
+from batchprobe.report.format import lr_column
 from batchprobe.report.plan import plan_chart, plan_table, recommendation_panel
 
 ROOT = Path(__file__).parent.parent
@@ -253,14 +254,15 @@ def test_the_table_fits_80_columns_by_leaving_columns_out_never_cutting_a_value(
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "columns left out to fit the terminal:" in text
     assert "MFU" in text  # what matters most stays
-    for r in plan.rows:  # every micro-batch and LR appears whole
-        assert f" {r.micro_batch_size} " in text or f"★ {r.micro_batch_size}" in text
-    lrs = [line.split()[-3] for line in text.splitlines() if line.strip()[:1].isdigit()]
-    assert len({"e" in lr for lr in lrs}) == 1  # one notation in the LR column
+    header = next(line for line in text.splitlines() if line.split()[:1] == ["micro"])
+    names = header.split()
+    rows = [line.replace("★", "").split() for line in text.splitlines()]
+    rows = [cells for cells in rows if len(cells) == len(names) and cells[0].isdigit()]
+    assert [int(cells[0]) for cells in rows] == [r.micro_batch_size for r in plan.rows]
+    lrs = [cells[names.index("LR")] for cells in rows]  # whole, and in one notation
+    assert lrs == lr_column([r.lr for r in plan.rows])
 
 
 def test_lr_column_uses_one_notation() -> None:
-    from batchprobe.report.format import lr_column
-
     assert lr_column([0.0013, 0.0107, None]) == ["1.3e-3", "1.1e-2", "-"]
     assert lr_column([0.2, 0.0125]) == ["0.2", "0.0125"]
