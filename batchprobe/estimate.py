@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from batchprobe.errors import ModelError
-from batchprobe.memory import OutOfTime, StorageLedger, TrackingMode
-from batchprobe.results import Allowance, EstimatePoint, EstimateResult, TraceFailure
+from batchprobe.memory import ModuleScope, OutOfTime, StorageLedger, TrackingMode
+from batchprobe.results import Allowance, EstimatePoint, EstimateResult, Timeline, TraceFailure
 from batchprobe.search import Line, Observation, Outcome, Prior, search
 from batchprobe.sources import build_workload, quiet_warnings
 from batchprobe.spec import Spec
@@ -113,14 +113,25 @@ class Tracer:
             self._points[batch_size] = self._trace(batch_size, deadline)
         return self._points[batch_size]
 
-    def _trace(self, batch_size: int, deadline: float | None) -> EstimatePoint:
+    def timeline(self, batch_size: int) -> Timeline:
+        """Live bytes by kind after each op of the traced steps at `batch_size`, with the phase
+        (forward, backward, optimizer): what `--plot` draws."""
+        into: Timeline = []
+        self._trace(batch_size, None, into)
+        return into
+
+    def _trace(
+        self, batch_size: int, deadline: float | None, timeline: Timeline | None = None
+    ) -> EstimatePoint:
         started = time.perf_counter()
         ledger = StorageLedger(round_to=self.allowance.round_to, keep_breakdown=True, by_op={})
+        ledger.timeline = timeline
+        ledger.scope = ModuleScope(self.step.runner)
         attention = (
             _fused_attention() if self.allowance.flash_attention else contextlib.nullcontext()
         )
         try:
-            with self.mode, quiet_warnings(), attention:
+            with self.mode, quiet_warnings(), attention, ledger.scope:
                 ledger.mark(self.step.persistent_tensors(), "parameters")
                 self.step.observer = ledger
                 with TrackingMode(ledger, deadline):
@@ -144,6 +155,7 @@ class Tracer:
             dict(ledger.phase_peaks),
             dict(ledger.by_op or {}),
             time.perf_counter() - started,
+            ledger.explain(batch_size, "traced"),
         )
         ledger.close()
         return point
@@ -153,14 +165,20 @@ class Tracer:
     PRIOR_TRACES = 5
     PRIOR_CLOSE = 0.01
 
-    def prior(self, limit_bytes: int, extra_bytes: int = 0, deadline: float | None = None) -> Prior:
+    def prior(
+        self,
+        limit_bytes: int,
+        extra_bytes: int = 0,
+        deadline: float | None = None,
+        cap: int = 2**20,
+    ) -> Prior:
         """The trace as a line over batch sizes, in the bytes a probe on the target measures
         (with the allowance, its workspaces and `extra_bytes` — DDP's buckets — as fixed
         memory), from as few traces as the line needs: batch 1, the size that surely fits under
         `limit_bytes` if memory grows at most linearly (1 x (limit / traced - 1)), and only
         when the line meets the limit far beyond that, secant steps toward where it does (memory
-        is not quite a line over a wide range) until a trace lands within 1% of it. Raises
-        OutOfTime past
+        is not quite a line over a wide range) until a trace lands within 1% of it; never above
+        `cap` (the sizes a search may try). Raises OutOfTime past
         `deadline`, TraceError when the model cannot be traced."""
         a = self.allowance
         fixed = a.workspace_bytes + extra_bytes
@@ -173,7 +191,7 @@ class Tracer:
 
         first = self.trace(1, deadline)
         sizes = [1]
-        nxt = max(2, int(limit_bytes / max(measured(first), 1)) - 1)
+        nxt = max(2, min(cap, int(limit_bytes / max(measured(first), 1)) - 1))
         line = Line(float(measured(first)), 0.0)
         while len(sizes) < self.PRIOR_TRACES and nxt not in sizes:
             sizes.append(nxt)
@@ -185,7 +203,7 @@ class Tracer:
                 break  # the line meets the limit near the sizes traced: a line is enough there
             if abs(crossing - b2) <= self.PRIOR_CLOSE * crossing:
                 break
-            nxt = max(2, min(crossing, 2**20))
+            nxt = max(2, min(crossing, cap))
         points = tuple((b, measured(self.trace(b))) for b in sizes)
         last = self.trace(sizes[-1])
         slope = max((flat(last) - flat(first)) / (sizes[-1] - 1), 0.0)

@@ -11,17 +11,18 @@ The same ledger runs under FakeTensorMode for `estimate`: no compute, no memory,
 
 from __future__ import annotations
 
+import itertools
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from batchprobe.results import Breakdown
+from batchprobe.results import Breakdown, PeakBreakdown, TensorAtPeak
 from batchprobe.units import format_bytes
 
 _PHASE_TAG = {"forward": "activations"}  # what a storage created in a phase counts as by default
@@ -32,6 +33,12 @@ class _Record:
     nbytes: int
     tag: str
     finalizer: weakref.finalize | None = None
+    # what made it (an explaining ledger only)
+    op: str = ""
+    shape: tuple[int, ...] = ()
+    dtype: str = ""
+    module: str = ""
+    order: int = 0  # when it was made, among the region's storages
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, torch.UntypedStorage] | None:
@@ -68,9 +75,23 @@ class StorageLedger:
     failed: tuple[str, int, int | None] | None = None
     #: bytes each op's outputs took, summed over the region (when asked for)
     by_op: dict[str, int] | None = None
+    #: an explaining ledger notes what made each storage (op, shape, dtype, module) and keeps
+    #: the storages live at the peak: `explain()`
+    scope: ModuleScope | None = None
+    #: the memory timeline: (phase, live bytes by kind) after each op that changed them
+    timeline: list[tuple[str, dict[str, int]]] | None = None
+    _by_tag: dict[str, int] = field(default_factory=dict)
+    _made: Iterator[int] = field(default_factory=itertools.count)
 
     # -- recording ------------------------------------------------------------------------
-    def see(self, t: torch.Tensor, tag: str | None = None, enforce: bool = True) -> None:
+    def see(
+        self,
+        t: torch.Tensor,
+        tag: str | None = None,
+        enforce: bool = True,
+        op: str = "",
+        module: str | None = None,
+    ) -> None:
         found = _storage_key(t)
         if found is None:
             return
@@ -79,17 +100,50 @@ class StorageLedger:
         record = self._live.get(key)
         if record is not None:
             if record.nbytes != nbytes:  # resized in place (out= ops, resize_)
+                self._count(record.tag, nbytes - record.nbytes)
                 self.live_bytes += nbytes - record.nbytes
                 record.nbytes = nbytes
                 self._after_growth(nbytes, enforce)
-            if tag is not None:
+            if tag is not None and tag != record.tag:
+                self._count(record.tag, -record.nbytes)
+                self._count(tag, record.nbytes)
                 record.tag = tag
             return
         record = _Record(nbytes, tag or _PHASE_TAG.get(self.current_phase, "other"))
+        if self.scope is not None:
+            record.op, record.shape, record.dtype = op, tuple(t.shape), str(t.dtype)[6:]
+            record.module = module or self.scope.current(self.current_phase)
+            record.order = next(self._made)
         record.finalizer = weakref.finalize(storage, self._forget, key)
         self._live[key] = record
+        self._count(record.tag, nbytes)
         self.live_bytes += nbytes
         self._after_growth(nbytes, enforce)
+
+    def origin(self, args: Any) -> str | None:
+        """The module that made the latest forward tensor (activation or parameter) among an
+        op's arguments: whose backward a backward op is part of."""
+        best: _Record | None = None
+        for a in tree_flatten(args)[0]:
+            found = _storage_key(a) if isinstance(a, torch.Tensor) else None
+            record = self._live.get(found[0]) if found is not None else None
+            if record is None or record.tag not in ("activations", "parameters"):
+                continue
+            if best is None or record.order > best.order:
+                best = record
+        return best.module if best is not None else None
+
+    def _count(self, tag: str, nbytes: int) -> None:
+        if self.timeline is not None:
+            self._by_tag[tag] = self._by_tag.get(tag, 0) + nbytes
+
+    def tick(self) -> None:
+        """An op ended: a point on the timeline (when one is kept) if live bytes changed."""
+        if self.timeline is None:
+            return
+        point = (self.current_phase, {k: v for k, v in self._by_tag.items() if v})
+        if not self.timeline or self.timeline[-1] != point:
+            self.timeline.append(point)
 
     def _after_growth(self, nbytes: int, enforce: bool) -> None:
         phase = self.current_phase
@@ -110,23 +164,35 @@ class StorageLedger:
         record = self._live.pop(key, None)
         if record is None:
             return
-        if self._peak_pending and self.keep_breakdown:
+        self._count(record.tag, -record.nbytes)
+        if self._peak_pending and (self.keep_breakdown or self.scope is not None):
             # live bytes only grew since the last peak: the peak's contents are what is live now
             self._peak_records = [*self._live.values(), record]
             self._peak_pending = False
         self.live_bytes -= record.nbytes
 
+    def region(self, name: str) -> None:
+        """Storages made outside any module from now on are this region's: (loss)."""
+        if self.scope is not None:
+            self.scope.region = name
+
     def phase(self, name: str) -> None:
         """Storages created from now on count as this phase's (forward: activations)."""
+        if self.scope is not None and name in ("forward", "optimizer"):
+            self.scope.region = ""  # the loss's region lasts through its backward
         self.current_phase = name
         if self.live_bytes > self.phase_peaks.get(name, 0):
             self.phase_peaks[name] = self.live_bytes
 
     def mark(self, tensors: Iterable[torch.Tensor], tag: str) -> None:
         """Register tensors created outside the ledger's view, or re-categorise known ones.
-        Never raises: if they alone exceed the budget, the next allocation does."""
+        Never raises: if they alone exceed the budget, the next allocation does. An explaining
+        ledger names gradients and parameters by the module that owns the parameter, and
+        optimizer state (optimizer)."""
         for t in tensors:
             self.see(t, tag, enforce=False)
+        if self.scope is not None:
+            self.scope.own(self._live, tag)
 
     # -- results --------------------------------------------------------------------------
     def breakdown(self) -> Breakdown:
@@ -138,12 +204,97 @@ class StorageLedger:
             setattr(out, r.tag, getattr(out, r.tag) + r.nbytes)
         return out
 
+    def explain(self, batch_size: int, source: Literal["measured", "traced"]) -> PeakBreakdown:
+        """The storages live at the peak, by module, and the largest of them (an explaining
+        ledger: `scope` set)."""
+        self.breakdown()  # settles the peak's records
+        return PeakBreakdown.of(
+            (
+                TensorAtPeak(r.nbytes, r.shape, r.dtype, r.op or "?", r.module or "?", r.tag)
+                for r in self._peak_records
+            ),
+            batch_size,
+            source,
+        )
+
     def close(self) -> None:
         """Stop watching the storages still alive (their finalizers would keep us alive)."""
         for record in self._live.values():
             if record.finalizer is not None:
                 record.finalizer.detach()
         self._live.clear()
+
+
+class ModuleScope:
+    """Which module is running when a storage is made, named by its path in the model
+    (`transformer.h.3.mlp.c_fc`; the model's own forward outside its submodules by its class;
+    outside the model, the step's region or phase: (loss), (optimizer), (batch)).
+
+    Forward: a stack kept by global forward hooks. Backward (the autograd engine runs no
+    module hooks): the module that made the forward tensors the op reads — the activation it
+    saved, the weight — latest first (`StorageLedger.origin`). Nothing is hooked on tensors:
+    torch's ModuleTracker does that, and under activation checkpointing its hooks hold the
+    recomputed graph until the region ends, which would change the very peak being explained.
+    Used as a context manager around the tracked region."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.root = type(model).__name__
+        self.names = {id(m): name or self.root for name, m in model.named_modules()}
+        self.params = [
+            (name or self.root, param)
+            for name, module in model.named_modules()
+            for param in module.parameters(recurse=False)
+        ]
+        self.region = ""
+        self._stack: list[str] = []
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> ModuleScope:
+        from torch.nn.modules.module import (
+            register_module_forward_hook,
+            register_module_forward_pre_hook,
+        )
+
+        def enter(module: torch.nn.Module, args: Any) -> None:
+            self._stack.append(self.names.get(id(module), type(module).__name__))
+
+        def leave(module: torch.nn.Module, args: Any, out: Any) -> None:
+            if self._stack:
+                self._stack.pop()
+
+        self._handles = [
+            register_module_forward_pre_hook(enter),
+            register_module_forward_hook(leave, always_call=True),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def in_module(self) -> bool:
+        """A module's forward is running (in backward too: a checkpoint's recomputation)."""
+        return bool(self._stack)
+
+    def current(self, phase: str) -> str:
+        if self._stack:
+            return self._stack[-1]
+        return f"({self.region or phase})"
+
+    def own(self, live: dict[int, _Record], tag: str) -> None:
+        """Parameters and their gradients belong to the module that holds the parameter."""
+        if tag not in ("parameters", "gradients"):
+            return
+        named: set[int] = set()
+        for name, param in self.params:  # a tied parameter is its first holder's
+            t = param if tag == "parameters" else param.grad
+            found = _storage_key(t) if t is not None else None
+            if found is None or found[0] in named or found[0] not in live:
+                continue
+            named.add(found[0])
+            live[found[0]].module = name
 
 
 class OutOfTime(Exception):
@@ -172,17 +323,23 @@ class TrackingMode(TorchDispatchMode):
         before = ledger.live_bytes
         try:
             out = func(*args, **(kwargs or {}))
+            name, module = "", None
+            if ledger.scope is not None:
+                name = _op_name(func)
+                if ledger.current_phase == "backward" and not ledger.scope.in_module:
+                    module = ledger.origin(args)
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
-                    ledger.see(t)
+                    ledger.see(t, op=name, module=module)
         except Exception:
             if ledger.failed is None:
                 request = ledger.live_bytes - before if ledger.live_bytes > before else None
                 ledger.failed = (_op_name(func), before, request)
             raise
         if ledger.by_op is not None and ledger.live_bytes > before:
-            name = _op_name(func)
+            name = name or _op_name(func)
             ledger.by_op[name] = ledger.by_op.get(name, 0) + ledger.live_bytes - before
+        ledger.tick()
         return out
 
 

@@ -196,7 +196,7 @@ def run_probe(
     text = ""  # the failure's messages, for what its allocator said
     if failure is None:
         try:
-            with backend.track(step.persistent_tensors()) as meter:
+            with backend.track(step.persistent_tensors(), step.runner) as meter:
                 step.observer = meter
                 _run_steps(step, batch_size, steps, dry_run)
                 backend.synchronize()
@@ -247,6 +247,11 @@ def run_probe(
         need_bytes=need,
         failed_op=op,
         op_bytes=figures.op_bytes,
+        explained=(
+            figures.explained(batch_size, "measured")
+            if figures.explained is not None and failure is None
+            else None
+        ),
     )
 
 

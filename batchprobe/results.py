@@ -88,6 +88,8 @@ class ProbeResult:
     failed_op: str | None = None
     #: bytes each op's outputs took over the probe (the CPU's ledger sees ops; CUDA does not)
     op_bytes: dict[str, int] | None = field(default=None, repr=False)
+    #: what filled the peak (a completed probe on a backend that sees each storage)
+    explained: PeakBreakdown | None = field(default=None, repr=False, compare=False)
 
     def observation(self, limit_bytes: int | None = None) -> Observation:
         """What a search is told. Against `limit_bytes` (a limit below the one the probe ran
@@ -140,10 +142,12 @@ class ProbeResult:
 
     def to_record(self) -> dict[str, Any]:
         """Everything, for passing between processes."""
+        skip = ("outcome", "failure", "explained")
         return {
-            **{k: v for k, v in self.__dict__.items() if k not in ("outcome", "failure")},
+            **{k: v for k, v in self.__dict__.items() if k not in skip},
             "outcome": self.outcome.value,
             "failure": self.failure.to_dict() if self.failure else None,
+            "explained": self.explained.to_dict() if self.explained else None,
         }
 
     @classmethod
@@ -151,6 +155,8 @@ class ProbeResult:
         fields = dict(d)
         fields["outcome"] = Outcome(fields["outcome"])
         fields["failure"] = Failure.from_dict(fields["failure"]) if fields["failure"] else None
+        explained = fields.get("explained")
+        fields["explained"] = PeakBreakdown.from_dict(explained) if explained else None
         return cls(**fields)
 
 
@@ -188,16 +194,16 @@ class TraceCheck:
     def agreed(self) -> bool:
         return not self.at_least and abs(self.ratio - 1) <= self.AGREED
 
-    def describe(self) -> str:
+    def describe(self, size: str = "batch") -> str:
         """ "trace agreed within 0.4% at batch 395", "trace under-counted by 3.6x at batch 491
         (largest op: mkldnn_rnn_layer): corrected from measurements"."""
-        at = f"at batch {self.batch_size}"
+        at = f"at {size} {self.batch_size}"
         if self.agreed:
             return f"trace agreed within {abs(self.ratio - 1):.1%} {at}"
         under = self.ratio > 1
         if self.at_least and not under:  # failed below what the trace says: not the trace's fault
             return (
-                f"batch {self.batch_size} failed with {format_bytes(self.measured_bytes)} live "
+                f"{size} {self.batch_size} failed with {format_bytes(self.measured_bytes)} live "
                 f"and requested, under the trace's {format_bytes(self.traced_bytes)}: the limit "
                 "is lower than the one told"
             )
@@ -236,6 +242,12 @@ class FindMaxResult:
     world_size: int = 1  # ranks that probed together (torchrun)
     trace_check: TraceCheck | None = None  # the trace against the first real probe
     trace_seconds: float = 0.0  # of `seconds`, the time spent tracing (the prior)
+    explained: PeakBreakdown | None = None  # what filled the peak at the max
+    timeline: Timeline | None = None  # --plot: traced steps at the max
+    #: what the sizes are: batch sizes, or (probe.axis: seq_len) sequence lengths at the
+    #: micro-batch `held_batch_size`
+    axis: str = "batch_size"
+    held_batch_size: int | None = None
 
     @property
     def max_batch_size(self) -> int | None:
@@ -307,6 +319,146 @@ class PlanRun:
     interrupted: bool = False
     warnings: list[str] = field(default_factory=list)
     noise: NoiseRun | None = None  # when the spec has real data
+    explained: PeakBreakdown | None = None  # what fills the peak at the recommended size
+    what_if: list[WhatIf] | None = None  # plan --what-if
+
+
+# --------------------------------------------------------------------------- the peak, explained
+
+
+@dataclass(frozen=True)
+class TensorAtPeak:
+    """One storage live at the peak: who made it and what it is."""
+
+    bytes: int
+    shape: tuple[int, ...]
+    dtype: str
+    op: str  # the op whose output it was (aten name: mm, _log_softmax, ...)
+    module: str  # the innermost module running when it was made, or (loss), (optimizer), ...
+    kind: str  # parameters | gradients | optimizer_state | activations | other
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "bytes": self.bytes,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "op": self.op,
+            "module": self.module,
+            "kind": self.kind,
+        }
+
+
+@dataclass(frozen=True)
+class ModuleAtPeak:
+    module: str
+    bytes: int
+    by_kind: dict[str, int]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"module": self.module, "bytes": self.bytes, "by_kind": dict(self.by_kind)}
+
+
+#: tensors kept per explanation (`--top` shows fewer)
+KEEP_TENSORS = 32
+
+
+@dataclass(frozen=True)
+class PeakBreakdown:
+    """What filled the peak at one size: every live storage grouped by the module that made it
+    (its sums are the peak), the largest tensors, and one sentence reading them."""
+
+    batch_size: int
+    peak_bytes: int
+    source: Literal["measured", "traced"]
+    by_module: tuple[ModuleAtPeak, ...]
+    top_tensors: tuple[TensorAtPeak, ...]
+    reading: str
+
+    @classmethod
+    def of(
+        cls,
+        tensors: Iterable[TensorAtPeak],
+        batch_size: int,
+        source: Literal["measured", "traced"],
+    ) -> PeakBreakdown:
+        """From every storage live at the peak."""
+        live = sorted(tensors, key=lambda t: -t.bytes)
+        peak = sum(t.bytes for t in live)
+        groups: dict[str, dict[str, int]] = {}
+        for t in live:
+            kinds = groups.setdefault(t.module, {})
+            kinds[t.kind] = kinds.get(t.kind, 0) + t.bytes
+        by_module = sorted(
+            (ModuleAtPeak(m, sum(k.values()), k) for m, k in groups.items()),
+            key=lambda m: -m.bytes,
+        )
+        return cls(
+            batch_size, peak, source, tuple(by_module), tuple(live[:KEEP_TENSORS]),
+            _reading(live, by_module, peak),
+        )  # fmt: skip
+
+    def to_dict(self, top: int | None = None) -> dict[str, object]:
+        tensors = self.top_tensors if top is None else self.top_tensors[:top]
+        return {
+            "batch_size": self.batch_size,
+            "peak_bytes": self.peak_bytes,
+            "source": self.source,
+            "reading": self.reading,
+            "by_module": [m.to_dict() for m in self.by_module],
+            "top_tensors": [t.to_dict() for t in tensors],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PeakBreakdown:
+        return cls(
+            d["batch_size"],
+            d["peak_bytes"],
+            d["source"],
+            tuple(ModuleAtPeak(m["module"], m["bytes"], dict(m["by_kind"])) for m in d["by_module"]),
+            tuple(
+                TensorAtPeak(t["bytes"], tuple(t["shape"]), t["dtype"], t["op"], t["module"], t["kind"])
+                for t in d["top_tensors"]
+            ),
+            d["reading"],
+        )  # fmt: skip
+
+
+#: tensors whose element counts are within this share of the largest one's are read as one
+#: family (the logits, their fp32 copy and the loss's log-softmax of them)
+FAMILY = 0.02
+
+
+def _is_loss(op: str) -> bool:
+    return any(k in op for k in ("log_softmax", "nll_loss", "cross_entropy"))
+
+
+def _reading(live: list[TensorAtPeak], by_module: list[ModuleAtPeak], peak: int) -> str:
+    """One sentence: what most of the peak is. The largest tensor and its family (the same
+    number of elements: one activation in several dtypes and layouts) when they are a fifth of
+    the peak or more, else the largest module."""
+    if not live or peak <= 0:
+        return ""
+    largest = live[0]
+    family = [t for t in live if abs(t.numel - largest.numel) <= FAMILY * largest.numel]
+    share = sum(t.bytes for t in family) / peak
+    if share >= 0.2 and largest.numel > 1:
+        where = list(dict.fromkeys(t.module for t in family))
+        ops = list(dict.fromkeys(t.op for t in family))
+        dtypes = list(dict.fromkeys(t.dtype for t in family))
+        shape = "[" + ", ".join(str(d) for d in largest.shape) + "]"
+        count = f"{len(family)} tensors" if len(family) > 1 else "one tensor"
+        what = "the logits in the loss: " if any(_is_loss(op) for op in ops) else ""
+        return (
+            f"{share:.0%} of the peak is {what}{count} of {shape} ({', '.join(dtypes)}; "
+            f"{', '.join(ops[:4])}) in {', '.join(where[:4])}"
+        )
+    top = by_module[0]
+    kind = max(top.by_kind, key=lambda k: top.by_kind[k])
+    return f"{top.bytes / peak:.0%} of the peak is {top.module} (mostly {kind.replace('_', ' ')})"
 
 
 # --------------------------------------------------------------------------- estimate
@@ -378,6 +530,7 @@ class EstimatePoint:
     phase_peaks: dict[str, int] = field(default_factory=dict)
     op_bytes: dict[str, int] = field(default_factory=dict)  # bytes each op's outputs took
     seconds: float = 0.0  # how long the trace took
+    explained: PeakBreakdown | None = field(default=None, repr=False)  # what filled the peak
 
     @property
     def line_bytes(self) -> int:
@@ -413,6 +566,70 @@ class EstimateResult:
         return next((p for p in self.points if p.batch_size == batch_size), None)
 
 
+Effect = Literal["none", "numerics", "data", "spec"]
+EFFECTS: dict[Effect, str] = {
+    "none": "same results",
+    "numerics": "changes numerics",
+    "data": "changes the data",
+    "spec": "as specified",
+}
+
+
+@dataclass(frozen=True)
+class WhatIf:
+    """The estimated max micro-batch and its peak under one change to the spec (`change` is
+    the `--set` that makes it), or why it could not be estimated."""
+
+    change: str  # "(as specified)" for the spec itself
+    max_batch_size: int | None
+    peak_bytes: int | None  # on the target (with the allowance) at that max
+    effect: Effect  # what else the change changes
+    error: str | None = None
+
+    @property
+    def effect_text(self) -> str:
+        return EFFECTS[self.effect]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "change": self.change,
+            "max_batch_size": self.max_batch_size,
+            "peak_bytes": self.peak_bytes,
+            "changes_numerics": self.effect == "numerics",
+            "effect": self.effect_text,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """estimate --sweep seq_len=...: the estimated max micro-batch at one sequence length."""
+
+    seq_len: int
+    max_batch_size: int | None
+    peak_bytes: int | None  # on the target, at that max
+    error: str | None = None
+
+    @property
+    def tokens(self) -> int | None:
+        """Tokens per micro-batch at the max."""
+        return None if self.max_batch_size is None else self.max_batch_size * self.seq_len
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "seq_len": self.seq_len,
+            "max_batch_size": self.max_batch_size,
+            "tokens_per_micro_batch": self.tokens,
+            "peak_bytes": self.peak_bytes,
+            "error": self.error,
+        }
+
+
+#: the memory timeline of traced steps: (phase, live bytes by kind) after each op that changed
+#: them
+Timeline = list[tuple[str, dict[str, int]]]
+
+
 @dataclass(frozen=True)
 class TraceFailure:
     """Why a model could not be traced with fake tensors, and the op when known."""
@@ -435,6 +652,17 @@ class EstimateRun:
     #: the trace against one real probe at the estimated max (the target is the device here)
     verified: TraceCheck | None = None
     verify_probe: ProbeResult | None = None
+    what_if: list[WhatIf] | None = None  # estimate --what-if: the spec and each change
+    sweep: list[SweepPoint] | None = None  # estimate --sweep seq_len=...
+    timeline: Timeline | None = None  # --plot: traced steps at the max
+
+    @property
+    def explained(self) -> PeakBreakdown | None:
+        """What fills the peak at the (estimated, or measured) max."""
+        if self.result is not None:
+            point = self.result.point(self.result.max_batch_size)
+            return point.explained if point is not None else None
+        return self.fallback.explained if self.fallback is not None else None
 
 
 # --------------------------------------------------------------------------- noise scale

@@ -25,7 +25,14 @@ from batchprobe.isolate import IsolatedProber
 from batchprobe.memory import OutOfTime
 from batchprobe.probe import Driven, ProbeProgress, Prober, WatchedProber, drive, warm_up
 from batchprobe.ranks import Dist, Solo, open_ranks
-from batchprobe.results import Failure, FindMaxResult, ProbeResult, StepTiming, TraceCheck
+from batchprobe.results import (
+    Failure,
+    FindMaxResult,
+    PeakBreakdown,
+    ProbeResult,
+    StepTiming,
+    TraceCheck,
+)
 from batchprobe.search import (
     STRATEGIES,
     Outcome,
@@ -138,7 +145,7 @@ class Session:
         p = self.spec.probe
         limit = limit_bytes or self.limit_bytes
         seen = () if self.warm is None else ((1, self.warm.observation(limit_bytes)),)
-        ctx = SearchContext(start or p.start, cap or p.max_batch_size, limit, seen=seen)
+        ctx = SearchContext(start or p.start, cap or self.cap, limit, seen=seen)
         requested = strategy or p.strategy
         notes: list[str] = []
         started = time.perf_counter()
@@ -160,8 +167,9 @@ class Session:
             chosen.make(ctx), watch, limit_bytes=limit_bytes, known=known, progress=progress
         )
         notes += watch.recheck(done, ctx, limit_bytes, progress)
+        summary = summarize(done.observations, ctx.cap, interrupted=done.interrupted)
         return FindMaxResult(
-            search=summarize(done.observations, ctx.cap, interrupted=done.interrupted),
+            search=summary,
             probes=done.probes,
             device=self.backend.info(),
             budget_bytes=self.backend.budget_bytes,
@@ -172,9 +180,38 @@ class Session:
             guess=ctx.guess if chosen.needs_prior else None,
             poisoned=self.prober.poisoned,
             world_size=self.ranks.world_size,
-            trace_check=self._trace_check(ctx.prior, done.probes) if chosen.needs_prior else None,
+            trace_check=(
+                _trace_check(self._tracer, ctx.prior, done.probes) if chosen.needs_prior else None
+            ),
             trace_seconds=traced,
+            explained=None if done.interrupted else explain(self, summary.best, done.probes),
+            axis=p.axis,
+            held_batch_size=p.batch_size,
         )
+
+    @property
+    def cap(self) -> int:
+        """The largest size a search may try: probe.max_batch_size; along seq_len, also the
+        model's maximum positions."""
+        p = self.spec.probe
+        longest = self.workload.inputs.max_seq_len if p.axis == "seq_len" else None
+        return min(p.max_batch_size, longest or p.max_batch_size)
+
+    def tracer(self) -> Tracer:
+        """The fake-tensor tracer of this spec, as the device runs it (raises TraceError when
+        the model cannot be traced; kept, with its traces, for the session)."""
+        if self._trace_error is not None:
+            raise self._trace_error
+        if self._tracer is None:
+            # the limit is what is free once the context exists: no fixed allowance
+            allowance = self.backend.estimate_target(self.spec.estimate)[2]
+            allowance = dataclasses.replace(allowance, context_bytes=0)
+            try:
+                self._tracer = Tracer(self.spec, allowance, self.spec.probe.steps)
+            except TraceError as exc:
+                self._trace_error = exc
+                raise
+        return self._tracer
 
     def prior(self, limit: int | None) -> tuple[Prior | None, str]:
         """What the fake-tensor trace says memory is at each size, or why there is nothing to
@@ -195,14 +232,8 @@ class Session:
         prior: Prior | None = None
         why = ""
         try:
-            if self._trace_error is not None:
-                raise self._trace_error
-            if self._tracer is None:
-                # the limit is what is free once the context exists: no fixed allowance
-                allowance = self.backend.estimate_target(self.spec.estimate)[2]
-                allowance = dataclasses.replace(allowance, context_bytes=0)
-                self._tracer = Tracer(self.spec, allowance, self.spec.probe.steps)
-            prior = self._tracer.prior(limit, extra, deadline=time.perf_counter() + budget)
+            deadline = time.perf_counter() + budget
+            prior = self.tracer().prior(limit, extra, deadline=deadline, cap=self.cap)
         except TraceError as exc:
             self._trace_error = exc
             why = f"could not trace the model ({exc.op or exc}): searched with probes alone"
@@ -215,23 +246,44 @@ class Session:
         (missing,) = self.ranks.any_rank(prior is None)
         return (None, why) if missing else (prior, why)
 
-    def _trace_check(self, prior: Prior | None, probes: list[ProbeResult]) -> TraceCheck | None:
-        """The trace against the first probe that ran."""
-        first = next((p for p in probes if not p.reused), None)
-        if prior is None or first is None:
+
+def explain(
+    session: Session, batch_size: int | None, probes: Sequence[ProbeResult] = ()
+) -> PeakBreakdown | None:
+    """What filled the peak at `batch_size`: from its probe where the backend saw each
+    storage (the CPU's ledger), else from a trace at that size (a GPU's allocator sees
+    blocks, not tensors); None when neither can say (FSDP's trace is unsharded)."""
+    if batch_size is None:
+        return None
+    measured = next(
+        (p.explained for p in probes if p.batch_size == batch_size and p.explained), None
+    )
+    if measured is not None or session.ranks.parallel == "fsdp":
+        return measured
+    try:
+        return session.tracer().trace(batch_size).explained
+    except (TraceError, OutOfTime):
+        return None
+
+
+def _trace_check(
+    tracer: Tracer | None, prior: Prior | None, probes: list[ProbeResult]
+) -> TraceCheck | None:
+    """The trace against the first probe that ran."""
+    first = next((p for p in probes if not p.reused), None)
+    if prior is None or first is None:
+        return None
+    b = first.batch_size
+
+    def traced_ops() -> dict[str, int] | None:
+        if tracer is None:
             return None
-        b = first.batch_size
-        tracer = self._tracer
+        try:
+            return tracer.trace(b).op_bytes
+        except (TraceError, OutOfTime):
+            return None
 
-        def traced_ops() -> dict[str, int] | None:
-            if tracer is None:
-                return None
-            try:
-                return tracer.trace(b).op_bytes
-            except (TraceError, OutOfTime):
-                return None
-
-        return check_trace(int(max(prior.flat.at(b), prior.at(b))), first, traced_ops)
+    return check_trace(int(max(prior.flat.at(b), prior.at(b))), first, traced_ops)
 
 
 def check_trace(

@@ -34,6 +34,7 @@ Task = Literal["causal-lm", "masked-lm", "seq-cls", "image-cls"]
 Strategy = Literal["auto", "estimate", "predict", "doubling"]  # checked against search.STRATEGIES
 Parallel = Literal["auto", "none", "ddp", "fsdp"]
 LrScaling = Literal["auto", "linear", "sqrt", "none"]
+Axis = Literal["batch_size", "seq_len"]
 
 Shape = tuple[int, ...]
 
@@ -141,6 +142,16 @@ class ProbeSpec:
     collective_timeout_s: float = field(
         default=60.0, metadata=_doc("torchrun: timeout of a probe's collectives, seconds", gt=0)
     )
+    axis: Axis = field(
+        default="batch_size",
+        metadata=_doc(
+            "what find-max searches: batch_size | seq_len (the longest inputs.seq_len that "
+            "trains at probe.batch_size, up to the model's maximum positions)"
+        ),
+    )
+    batch_size: int | None = field(
+        default=None, metadata=_doc("the micro-batch a probe.axis: seq_len search holds", min=1)
+    )
 
 
 @dataclass(frozen=True)
@@ -206,6 +217,17 @@ class EstimateSpec:
             "when the target is the device here: one real probe at the estimated max, to check "
             "the trace"
         ),
+    )
+    what_if: bool = field(
+        default=False,
+        metadata=_doc(
+            "also estimate the max under each change that applies (precision, checkpointing, "
+            "optimizer, foreach, channels-last, half the seq_len), as --set lines"
+        ),
+    )
+    sweep_seq_len: tuple[int, ...] | None = field(
+        default=None,
+        metadata=_doc("estimate the max micro-batch at each of these inputs.seq_len values"),
     )
 
 
@@ -732,6 +754,12 @@ def _cross_checks(spec: Spec, lines: dict[str, int]) -> list[Problem]:
                 "estimate.gpu",
                 f"unknown GPU {spec.estimate.gpu!r}{hint} (known: {', '.join(g.key for g in GPUS)})",
             )
+    if spec.probe.axis == "seq_len" and spec.probe.batch_size is None:
+        add("probe.batch_size", "is required with probe.axis: seq_len (the micro-batch to hold)")
+    if spec.probe.axis != "seq_len" and spec.probe.batch_size is not None:
+        add("probe.batch_size", "only applies with probe.axis: seq_len")
+    if spec.probe.axis == "seq_len" and spec.inputs.kind not in (None, "tokens"):
+        add("probe.axis", f"seq_len needs token inputs, not inputs.kind: {spec.inputs.kind}")
     if spec.probe.max_batch_size < spec.probe.start:
         add(
             "probe.max_batch_size",

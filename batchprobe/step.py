@@ -160,6 +160,9 @@ class TrainStep:
             )
             with ctx:
                 out = model(*batch.args, **batch.kwargs)
+                region = getattr(self.observer, "region", None)
+                if region is not None:  # what is made from here on is the loss's
+                    region("loss")
                 loss = self.workload.loss_fn(out, batch)
             del out
             if loss_divisor != 1:

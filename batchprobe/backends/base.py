@@ -4,14 +4,14 @@ allowance). Nothing else."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import torch
 
-from batchprobe.results import Allowance, DeviceInfo
+from batchprobe.results import Allowance, DeviceInfo, PeakBreakdown
 from batchprobe.spec import EstimateSpec, Precision, TrainSpec
 from batchprobe.units import MemorySize
 
@@ -32,6 +32,8 @@ class MemoryFigures:
     step_retries: list[int] = field(default_factory=list)
     #: bytes each op's outputs took (a backend that sees ops: the CPU's ledger)
     op_bytes: dict[str, int] | None = None
+    #: what filled the peak, asked with the batch size (a backend that sees each storage)
+    explained: Callable[[int, Literal["measured", "traced"]], PeakBreakdown] | None = None
 
     @property
     def line_bytes(self) -> int | None:
@@ -86,7 +88,9 @@ class Backend(Protocol):
         """Cap what probes may use; None means the backend's default. Returns the cap in bytes."""
         ...
 
-    def track(self, persistent: Sequence[torch.Tensor]) -> AbstractContextManager[Meter]:
+    def track(
+        self, persistent: Sequence[torch.Tensor], model: torch.nn.Module | None = None
+    ) -> AbstractContextManager[Meter]:
         """Measure peak memory of the steps run inside; enforce the budget. `persistent`: the
         tensors that live across steps (parameters, buffers)."""
         ...

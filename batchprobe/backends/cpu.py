@@ -9,6 +9,7 @@ which a probe catches as an OOM, instead of killing the process).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -20,7 +21,7 @@ import torch
 
 from batchprobe.backends.base import Math, MemoryFigures
 from batchprobe.backends.hostmem import HostLimit, binding, host_limits, ram_available
-from batchprobe.memory import StorageLedger, TrackingMode
+from batchprobe.memory import ModuleScope, StorageLedger, TrackingMode
 from batchprobe.results import Allowance, DeviceInfo
 from batchprobe.spec import EstimateSpec, Precision, TrainSpec
 from batchprobe.units import MemorySize
@@ -62,6 +63,9 @@ class CpuMeter:
 
     def mark(self, tensors: Iterable[torch.Tensor], tag: str) -> None:
         self.ledger.mark(tensors, tag)
+
+    def region(self, name: str) -> None:
+        self.ledger.region(name)
 
     def retained_bytes(self) -> int:
         """Net growth of live bytes since the probe began: new storages still alive, less any
@@ -146,17 +150,25 @@ class CpuBackend:
         return self.budget_bytes
 
     @contextmanager
-    def track(self, persistent: Sequence[torch.Tensor]) -> Iterator[CpuMeter]:
+    def track(
+        self, persistent: Sequence[torch.Tensor], model: torch.nn.Module | None = None
+    ) -> Iterator[CpuMeter]:
+        """The ledger over the region; with `model`, it also notes what made each storage, and
+        the figures explain the peak (`MemoryFigures.explained`)."""
         ledger = StorageLedger(budget_bytes=self.budget_bytes, by_op={})
+        scope = ModuleScope(model) if model is not None else contextlib.nullcontext()
+        ledger.scope = scope if isinstance(scope, ModuleScope) else None
         ledger.mark(persistent, "parameters")
         meter = CpuMeter(ledger)
         try:
-            with TrackingMode(ledger):
+            with scope, TrackingMode(ledger):
                 yield meter
         finally:
             meter.figures.peak_bytes = ledger.peak_bytes
             meter.figures.phase_peaks = dict(ledger.phase_peaks)
             meter.figures.op_bytes = dict(ledger.by_op or {})
+            if ledger.scope is not None:
+                meter.figures.explained = ledger.explain
 
     def synchronize(self) -> None:
         return None

@@ -213,7 +213,11 @@ class CudaBackend:
         return self.budget_bytes
 
     @contextmanager
-    def track(self, persistent: Sequence[torch.Tensor]) -> Iterator[CudaMeter]:
+    def track(
+        self, persistent: Sequence[torch.Tensor], model: torch.nn.Module | None = None
+    ) -> Iterator[CudaMeter]:
+        """The allocator's figures over the region. It sees blocks, not tensors: the peak is
+        explained from a trace at the size instead (`model` is not needed)."""
         drv, index = self.driver, self.index
         drv.synchronize(index)
         drv.reset_peak_memory_stats(index)

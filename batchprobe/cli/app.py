@@ -25,30 +25,33 @@ from batchprobe.cli.options import (
     ModelOpt,
     OptimizerOpt,
     OutputOpt,
+    PlotOpt,
     PrecisionOpt,
     SeqLenOpt,
     SetOpt,
     StartOpt,
     StepsOpt,
     StrategyOpt,
+    SweepOpt,
+    TopOpt,
     VocabOpt,
+    WhatIfOpt,
     flag_values,
     spec_flag,
+    sweep_set,
 )
 from batchprobe.cli.output import Out, handled
 from batchprobe.cli.progress import LiveProgress
 from batchprobe.errors import (
     EXIT_INTERRUPTED,
-    EXIT_NOTHING_FITS,
     DeviceError,
     Problem,
     SpecError,
 )
-from batchprobe.report import estimate as estimate_view
-from batchprobe.report import find_max as find_max_view
 from batchprobe.report import json as contract
 from batchprobe.report import noise as noise_view
 from batchprobe.report.env import env_table
+from batchprobe.report.peak import DEFAULT_TOP
 from batchprobe.spec import Spec, load_spec
 from batchprobe.units import format_bytes
 
@@ -69,7 +72,9 @@ app = typer.Typer(
 )
 
 
-def _spec(config: Path | None, sets: list[str] | None, flags: dict[str, Any]) -> Spec:
+def _spec(
+    config: Path | None, sets: list[str] | None, flags: dict[str, Any], command: str = "find-max"
+) -> Spec:
     if (
         config is None
         and "model.source" not in flags
@@ -78,7 +83,12 @@ def _spec(config: Path | None, sets: list[str] | None, flags: dict[str, Any]) ->
         raise SpecError(
             [Problem("model.source", "give --config FILE or --model SOURCE (e.g. --model zoo:mlp)")]
         )
-    return load_spec(config, sets or [], values=flags)
+    spec = load_spec(config, sets or [], values=flags)
+    if spec.probe.axis != "batch_size" and command != "find-max":
+        raise SpecError(
+            [Problem("probe.axis", f"seq_len is find-max's axis; {command} works on batch sizes")]
+        )
+    return spec
 
 
 def _session(spec: Spec) -> Session:
@@ -115,6 +125,10 @@ def find_max_cmd(
     steps: StepsOpt = None,
     strategy: StrategyOpt = None,
     isolate: IsolateOpt = False,
+    axis: Annotated[str | None, spec_flag("axis", "--axis")] = None,
+    batch_size: Annotated[int | None, spec_flag("batch_size", "--batch-size")] = None,
+    top: TopOpt = DEFAULT_TOP,
+    plot_file: PlotOpt = None,
     json_: JsonOpt = False,
     output: OutputOpt = None,
 ) -> None:
@@ -128,12 +142,10 @@ def find_max_cmd(
 
         spec = _spec(config, set_, flag_values(locals()))
         session = _session(spec)
-        with LiveProgress(out.err, session.limit_bytes) as progress:
-            result = find_max.run(session, progress)
-        source = spec.model.source
-        out.result(contract.find_max_json(result, source), output)
-        out.human.print(find_max_view.find_max_summary(result, source))
-        finish.exit_after_search(out, result)
+        size = "seq_len" if spec.probe.axis == "seq_len" else "batch"
+        with LiveProgress(out.err, session.limit_bytes, size=size) as progress:
+            result = find_max.run(session, progress, timeline=plot_file is not None)
+        finish.find_max(out, spec, result, output, top, plot_file)
 
 
 # ----------------------------------------------------------------------------- plan
@@ -171,6 +183,8 @@ def plan_cmd(
     num_gpus: Annotated[int | None, spec_flag("num_gpus", "--num-gpus")] = None,
     headroom: Annotated[float | None, spec_flag("headroom", "--headroom")] = None,
     peak_tflops: Annotated[float | None, spec_flag("peak_tflops", "--peak-tflops")] = None,
+    what_if: WhatIfOpt = False,
+    top: TopOpt = DEFAULT_TOP,
     json_: JsonOpt = False,
     output: OutputOpt = None,
     csv_file: Annotated[
@@ -192,11 +206,11 @@ def plan_cmd(
     with handled(out, "plan", output):
         from batchprobe.flows import plan
 
-        spec = _spec(config, set_, flag_values(locals()))
+        spec = _spec(config, set_, flag_values(locals()), "plan")
         session = _session(spec)
         with LiveProgress(out.err, session.limit_bytes) as progress:
             run = plan.run(session, progress)
-        finish.plan(out, spec, run, output, csv_file, markdown_file, plot_file)
+        finish.plan(out, spec, run, output, csv_file, markdown_file, plot_file, top)
 
 
 # ----------------------------------------------------------------------------- estimate
@@ -234,6 +248,10 @@ def estimate_cmd(
             "checks the trace on this device.  \\[spec: estimate.verify]",
         ),
     ] = False,
+    what_if: WhatIfOpt = False,
+    sweep: SweepOpt = None,
+    top: TopOpt = DEFAULT_TOP,
+    plot_file: PlotOpt = None,
     json_: JsonOpt = False,
     output: OutputOpt = None,
 ) -> None:
@@ -246,18 +264,11 @@ def estimate_cmd(
         from batchprobe.flows import estimate
 
         sets = [*(set_ or []), *(["estimate.verify=false"] if no_verify else [])]
-        spec = _spec(config, sets, flag_values(locals()))
+        sets += [sweep_set(sweep)] if sweep is not None else []
+        spec = _spec(config, sets, flag_values(locals()), "estimate")
         with LiveProgress(out.err, None) as progress:
-            run = estimate.run(spec, progress)
-        source = spec.model.source
-        out.result(contract.estimate_json(run, source), output)
-        if run.result is not None:
-            out.human.print(estimate_view.estimate_table(run))
-        out.human.print(estimate_view.estimate_summary(run, source))
-        if run.fallback is not None:
-            finish.exit_after_search(out, run.fallback)
-        elif run.result is not None and run.result.max_batch_size is None:
-            raise typer.Exit(EXIT_NOTHING_FITS)
+            run = estimate.run(spec, progress, timeline=plot_file is not None)
+        finish.estimate(out, spec, run, output, top, plot_file)
 
 
 # ----------------------------------------------------------------------------- check
@@ -313,7 +324,7 @@ def check_cmd(
         from batchprobe.backends import is_accelerator
         from batchprobe.flows import check
 
-        spec = _spec(config, set_, flag_values(locals()))
+        spec = _spec(config, set_, flag_values(locals()), "check")
         base = finish.read_baseline(baseline) if baseline is not None else None
         if not check.expectations(spec, base) and update_baseline is None:
             raise SpecError(
@@ -358,7 +369,7 @@ def noise_scale_cmd(
     with handled(out, "noise-scale", output):
         from batchprobe.flows import noise
 
-        spec = _spec(config, set_, flag_values(locals()))
+        spec = _spec(config, set_, flag_values(locals()), "noise-scale")
         if spec.data is None:
             raise SpecError([Problem("data", noise.SYNTHETIC_REFUSAL)])
         session = _session(spec)

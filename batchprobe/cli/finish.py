@@ -20,11 +20,14 @@ from batchprobe.errors import (
     SpecError,
 )
 from batchprobe.report import check as check_view
+from batchprobe.report import estimate as estimate_view
 from batchprobe.report import find_max as find_max_view
 from batchprobe.report import json as contract
 from batchprobe.report import noise as noise_view
 from batchprobe.report import plan as plan_view
-from batchprobe.results import CheckRun, FindMaxResult, PlanRun
+from batchprobe.report import plots
+from batchprobe.report.peak import peak_view
+from batchprobe.results import CheckRun, EstimateRun, FindMaxResult, PlanRun
 from batchprobe.spec import Spec
 
 
@@ -52,6 +55,59 @@ def exit_after_search(out: Out, result: FindMaxResult) -> None:
         raise typer.Exit(EXIT_NOTHING_FITS)
 
 
+def find_max(
+    out: Out,
+    spec: Spec,
+    result: FindMaxResult,
+    output: Path | None,
+    top: int,
+    plot_file: Path | None,
+) -> None:
+    source = spec.model.source
+    out.result(contract.find_max_json(result, source, top), output)
+    out.human.print(find_max_view.find_max_summary(result, source))
+    size = "seq_len" if result.axis == "seq_len" else "batch"
+    if result.explained is not None:
+        out.human.print(peak_view(result.explained, top, size))
+    if plot_file is not None and result.timeline and not out.quiet:
+        title = f"batchprobe find-max: {source}, traced steps at {size} {result.max_batch_size}"
+        out.write(plot_file, plots.timeline_plot(result.timeline, title))
+    exit_after_search(out, result)
+
+
+def estimate(
+    out: Out,
+    spec: Spec,
+    run: EstimateRun,
+    output: Path | None,
+    top: int,
+    plot_file: Path | None,
+) -> None:
+    source = spec.model.source
+    out.result(contract.estimate_json(run, source, top), output)
+    if plot_file is not None and not out.quiet:
+        if run.sweep:
+            title = f"batchprobe estimate: {source} on {run.target}"
+            out.write(plot_file, plots.sweep_plot(run.sweep, title))
+        elif run.timeline:
+            best = run.result.max_batch_size if run.result else None
+            title = f"batchprobe estimate: {source}, traced steps at batch {best}"
+            out.write(plot_file, plots.timeline_plot(run.timeline, title))
+    if run.result is not None:
+        out.human.print(estimate_view.estimate_table(run))
+    out.human.print(estimate_view.estimate_summary(run, source))
+    if run.explained is not None:
+        out.human.print(peak_view(run.explained, top))
+    if run.what_if is not None:
+        out.human.print(estimate_view.what_if_table(run.what_if))
+    if run.sweep is not None:
+        out.human.print(estimate_view.sweep_chart(run.sweep))
+    if run.fallback is not None:
+        exit_after_search(out, run.fallback)
+    elif run.result is not None and run.result.max_batch_size is None:
+        raise typer.Exit(EXIT_NOTHING_FITS)
+
+
 def plan(
     out: Out,
     spec: Spec,
@@ -60,9 +116,10 @@ def plan(
     csv_file: Path | None,
     markdown_file: Path | None,
     plot_file: Path | None,
+    top: int,
 ) -> None:
     source = spec.model.source
-    out.result(contract.plan_json(run, source), output)
+    out.result(contract.plan_json(run, source, top), output)
     plan = run.plan
     if plan is not None:
         out.write(csv_file, plan_view.plan_csv(plan))
@@ -78,6 +135,10 @@ def plan(
         )
         out.human.print(plan_view.plan_chart(plan))
         out.human.print(plan_view.recommendation_panel(plan))
+    if run.explained is not None:
+        out.human.print(peak_view(run.explained, top))
+    if run.what_if is not None:
+        out.human.print(estimate_view.what_if_table(run.what_if))
     if run.noise is not None:
         target = plan.recommended.global_batch_size if plan and plan.recommended else None
         out.human.print(noise_view.noise_panel(run.noise, source, target))

@@ -28,6 +28,8 @@ FLAG_KEYS = {
     "steps": "probe.steps",
     "strategy": "probe.strategy",
     "isolate": "probe.isolate",
+    "axis": "probe.axis",
+    "batch_size": "probe.batch_size",
     "global_batch_size": "plan.global_batch_size",
     "global_tokens": "plan.global_tokens",
     "base_lr": "plan.base_lr",
@@ -44,6 +46,7 @@ FLAG_KEYS = {
     "fragmentation": "estimate.fragmentation",
     "context": "estimate.context_bytes",
     "tolerance": "check.tolerance",
+    "what_if": "estimate.what_if",
     "small_batch_size": "noise.small_batch_size",
     "accumulation": "noise.accumulation",
     "noise_steps": "noise.steps",
@@ -129,3 +132,47 @@ IsolateOpt = Annotated[
         "device error becomes an outcome",
     ),
 ]
+TopOpt = Annotated[
+    int,
+    typer.Option(
+        "--top",
+        min=0,
+        help="Rows of the peak's explanation: the largest modules and tensors (JSON: "
+        "peak_breakdown.top_tensors); 0 prints only its one-line reading.",
+    ),
+]
+WhatIfOpt = Annotated[bool, spec_flag("what_if", "--what-if")]
+PlotOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot",
+        help="Write a PNG (needs matplotlib): the memory timeline of the traced steps at the max, "
+        "by kind and phase; estimate --sweep: max micro-batch against seq_len.",
+        show_default=False,
+    ),
+]
+SweepOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--sweep",
+        help="seq_len=256,512,1024: the estimated max micro-batch (and tokens per micro-batch) at "
+        "each sequence length.  \\[spec: estimate.sweep_seq_len]",
+        show_default=False,
+    ),
+]
+
+
+def sweep_set(text: str) -> str:
+    """--sweep seq_len=256,512 as the --set it stands for; a SpecError naming --sweep else."""
+    from batchprobe.errors import Problem, SpecError
+
+    axis, _, values = text.partition("=")
+    try:
+        lengths = [int(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        lengths = []
+    if axis.strip() != "seq_len" or not lengths or min(lengths) < 1:
+        raise SpecError(
+            [Problem("--sweep", f"expected seq_len=N,N,... (positive integers), got {text!r}")]
+        )
+    return f"estimate.sweep_seq_len=[{', '.join(map(str, lengths))}]"

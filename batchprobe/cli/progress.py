@@ -20,7 +20,14 @@ from batchprobe.units import format_bytes, format_count, format_seconds
 class LiveProgress(Progress):
     """Use as a context manager: the live display stops (and the bar goes) on the way out."""
 
-    def __init__(self, console: Console, limit_bytes: int | None, noise_steps: int = 0) -> None:
+    def __init__(
+        self,
+        console: Console,
+        limit_bytes: int | None,
+        noise_steps: int = 0,
+        size: str = "batch",
+    ) -> None:
+        self.size = size  # what a probe's size is: "batch", or "seq_len" along that axis
         self.console = console
         self.limit_bytes = limit_bytes
         self.noise_steps = noise_steps
@@ -57,18 +64,22 @@ class LiveProgress(Progress):
     def probe_started(self, batch_size: int) -> None:
         if self.live is None and self.console.is_terminal and not self.table_done:
             self.live = Live(
-                probe_table(self.done, self.limit_bytes), console=self.console, refresh_per_second=8
+                probe_table(self.done, self.limit_bytes, size=self.size),
+                console=self.console,
+                refresh_per_second=8,
             )
             self.live.start()
         if self.live is not None:
-            self.live.update(probe_table(self.done, self.limit_bytes, running=batch_size))
+            self.live.update(
+                probe_table(self.done, self.limit_bytes, running=batch_size, size=self.size)
+            )
 
     def probe_done(self, result: ProbeResult) -> None:
         self.done.append(result)
         if self.live is not None:
-            self.live.update(probe_table(self.done, self.limit_bytes))
+            self.live.update(probe_table(self.done, self.limit_bytes, size=self.size))
         else:
-            self._line(probe_line(len(self.done), result))
+            self._line(probe_line(len(self.done), result, self.size))
 
     # -- plan -------------------------------------------------------------------------------
     def phase(self, name: Phase) -> None:
@@ -76,6 +87,8 @@ class LiveProgress(Progress):
             self._stop_live()
         if name == "exact":
             self._line("timing micro-batches that reach the target global batch exactly")
+        if name == "what-if":
+            self._line("what if: tracing the model under each change that applies")
 
     def candidate(self, batch_size: int, index: int, count: int) -> None:
         self._stop_live()

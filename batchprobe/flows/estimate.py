@@ -12,7 +12,8 @@ import dataclasses
 
 from batchprobe.backends import backend_class, get_backend
 from batchprobe.errors import DeviceError
-from batchprobe.estimate import TraceError, estimate
+from batchprobe.estimate import TraceError, Tracer, estimate
+from batchprobe.flows import what_if
 from batchprobe.flows.progress import Progress
 from batchprobe.gpus import lookup
 from batchprobe.results import Allowance, EstimateRun
@@ -38,11 +39,14 @@ def target(spec: Spec) -> tuple[str, int, Allowance]:
     return backend.estimate_target(e)
 
 
-def run(spec: Spec, progress: Progress | None = None) -> EstimateRun:
+def run(spec: Spec, progress: Progress | None = None, timeline: bool = False) -> EstimateRun:
+    """The estimate; with `timeline`, the traced steps at the max op by op (for --plot)."""
     progress = progress or Progress()
     what, capacity, allowance = target(spec)
     result = EstimateRun(what, capacity, allowance)
+    tracer = None
     try:
+        tracer = Tracer(spec, allowance, steps=spec.probe.steps)
         result.result = estimate(
             spec,
             capacity,
@@ -50,6 +54,7 @@ def run(spec: Spec, progress: Progress | None = None) -> EstimateRun:
             what,
             batch_sizes=spec.estimate.batch_sizes or (),
             on_point=progress.traced,
+            tracer=tracer,
         )
     except TraceError as exc:
         if spec.estimate.gpu is not None or spec.estimate.capacity is not None:
@@ -60,6 +65,12 @@ def run(spec: Spec, progress: Progress | None = None) -> EstimateRun:
         result.trace_error = exc.failure
         result.fallback = open_session(spec).search(progress=progress)
         return result
+    if spec.estimate.what_if:
+        result.what_if = what_if.run(spec, result.result, progress)
+    if spec.estimate.sweep_seq_len:
+        result.sweep = what_if.sweep(spec, result.result, spec.estimate.sweep_seq_len, progress)
+    if timeline and result.result.max_batch_size is not None and tracer is not None:
+        result.timeline = tracer.timeline(result.result.max_batch_size)
     here = spec.estimate.gpu is None and spec.estimate.capacity is None
     best = result.result.max_batch_size
     if here and spec.estimate.verify and best is not None:

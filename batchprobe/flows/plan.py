@@ -18,7 +18,9 @@ import math
 
 from batchprobe import launcher
 from batchprobe.errors import ModelError, Problem, SpecError
+from batchprobe.estimate import TraceError, estimate
 from batchprobe.flows import noise as noise_flow
+from batchprobe.flows import what_if
 from batchprobe.flows.progress import Progress
 from batchprobe.planning import (
     Measurement,
@@ -28,9 +30,9 @@ from batchprobe.planning import (
     make_plan,
     resolve_lr_rule,
 )
-from batchprobe.results import Failure, PlanRun, StepTiming
+from batchprobe.results import Failure, PlanRun, StepTiming, WhatIf
 from batchprobe.search import Outcome
-from batchprobe.session import Session
+from batchprobe.session import Session, explain
 from batchprobe.timing import flops_per_sample
 
 PLATEAU_WIDE = 0.15  # rows this close to the best are where an exact divisor is worth timing
@@ -66,7 +68,26 @@ def run(session: Session, progress: Progress | None = None) -> PlanRun:
         run.interrupted = True
     run.plan = make_plan(_measurements(run), settings(session, run))
     run.warnings.extend(_warnings(session, run))
+    if run.plan.recommended is not None and not run.interrupted:
+        b = run.plan.recommended.micro_batch_size
+        probe = run.peaks.get(b)
+        run.explained = explain(session, b, [probe] if probe is not None else [])
+    if session.spec.estimate.what_if and not run.interrupted:
+        progress.phase("what-if")
+        run.what_if = _what_if(session, progress)
     return run
+
+
+def _what_if(session: Session, progress: Progress) -> list[WhatIf] | None:
+    """estimate's what-if table against this device's limit (the budget, or its capacity
+    with the allowance); None when the model cannot be traced."""
+    what, capacity, allowance = session.backend.estimate_target(session.spec.estimate)
+    try:
+        base = estimate(session.spec, capacity, allowance, what)
+    except TraceError as exc:
+        progress.event(f"what-if skipped: the model cannot be traced ({exc.op or exc})")
+        return None
+    return what_if.run(session.spec, base, progress)
 
 
 def _check_inputs(session: Session) -> None:

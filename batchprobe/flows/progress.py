@@ -7,7 +7,7 @@ from typing import Literal
 
 from batchprobe.results import EstimatePoint, NoiseStats, ProbeResult, StepTiming
 
-Phase = Literal["noise-scale", "find-max", "headroom", "flops", "timing", "exact"]
+Phase = Literal["noise-scale", "find-max", "headroom", "flops", "timing", "exact", "what-if"]
 
 
 class Progress:

@@ -7,10 +7,10 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from batchprobe.report.format import byte_unit, num
-from batchprobe.results import EstimateRun
+from batchprobe.report.format import bar, byte_unit, num
+from batchprobe.results import EstimateRun, SweepPoint, WhatIf
 from batchprobe.search import Outcome
-from batchprobe.units import format_bytes, format_seconds
+from batchprobe.units import format_bytes, format_count, format_seconds
 
 
 def estimate_table(run: EstimateRun) -> Table:
@@ -111,3 +111,60 @@ def estimate_summary(run: EstimateRun, source: str) -> Panel:
         style="dim",
     )
     return Panel(text, title="estimate", title_align="left", expand=False)
+
+
+def what_if_table(rows: list[WhatIf]) -> Table:
+    """The estimated max micro-batch and peak under each change, largest first, with the
+    `--set` that makes it and what else it changes."""
+    base = next((r for r in rows if r.effect == "spec"), None)
+    table = Table(
+        title="What if (traced; paste a change as --set '...')",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 1),
+    )
+    table.add_column("change", overflow="fold")
+    table.add_column("max", justify="right", no_wrap=True)
+    table.add_column("vs spec", justify="right", no_wrap=True)
+    table.add_column("peak", justify="right", no_wrap=True)
+    table.add_column("effect", overflow="fold")
+    for r in rows:
+        ratio = ""
+        if base is not None and base.max_batch_size and r.max_batch_size and r is not base:
+            ratio = f"{r.max_batch_size / base.max_batch_size:.2f}x"
+        table.add_row(
+            r.change,
+            str(r.max_batch_size) if r.max_batch_size is not None else "-",
+            ratio,
+            format_bytes(r.peak_bytes) if r.peak_bytes is not None else "",
+            r.error if r.error else r.effect_text,
+            style="bold" if r.effect == "spec" else ("dim" if r.error else ""),
+        )
+    return table
+
+
+def sweep_chart(points: list[SweepPoint], width: int = 30) -> Table:
+    """Max micro-batch (and tokens per micro-batch) against the sequence length, as bars."""
+    top = max((p.max_batch_size or 0 for p in points), default=0)
+    table = Table(
+        title="Max micro-batch by sequence length (traced)",
+        title_justify="left",
+        box=None,
+        pad_edge=False,
+    )
+    table.add_column("seq_len", justify="right")
+    table.add_column("max micro-batch", no_wrap=True)
+    table.add_column("tokens/micro-batch", justify="right")
+    table.add_column("peak", justify="right")
+    for p in points:
+        if p.max_batch_size is None:
+            table.add_row(str(p.seq_len), Text(p.error or "nothing fits", style="dim"), "", "")
+            continue
+        table.add_row(
+            str(p.seq_len),
+            Text(bar(p.max_batch_size, top, width).ljust(width) + f" {p.max_batch_size}", "cyan"),
+            format_count(p.tokens or 0),
+            format_bytes(p.peak_bytes),
+        )
+    return table

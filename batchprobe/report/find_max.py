@@ -17,12 +17,16 @@ from batchprobe.units import format_bytes, format_seconds
 
 
 def probe_table(
-    probes: Sequence[ProbeResult], limit_bytes: int | None, running: int | None = None
+    probes: Sequence[ProbeResult],
+    limit_bytes: int | None,
+    running: int | None = None,
+    size: str = "batch",
 ) -> Table:
-    """One row per probe, in the order made; `running` adds a row for the probe under way."""
+    """One row per probe, in the order made; `running` adds a row for the probe under way.
+    `size` heads the sizes' column (seq_len along that axis)."""
     table = Table(title="Probes", title_justify="left", expand=False, pad_edge=False)
     table.add_column("#", justify="right", style="dim")
-    table.add_column("batch", justify="right")
+    table.add_column(size, justify="right")
     table.add_column("outcome")
     table.add_column("peak", justify="right")
     table.add_column("% of limit", justify="right")
@@ -57,13 +61,13 @@ def probe_table(
     return table
 
 
-def probe_line(index: int, p: ProbeResult) -> str:
+def probe_line(index: int, p: ProbeResult, size: str = "batch") -> str:
     """One probe as a log line, for terminals without live display (CI logs)."""
     note = f"  {p.failure.kind}: {p.failure.message}" if p.failure else ""
     if p.reused:
         note += "  (from an earlier probe's peak)"
     return (
-        f"probe {index:>2}  batch {p.batch_size:>7}  {p.outcome.value:<5}  "
+        f"probe {index:>2}  {size} {p.batch_size:>7}  {p.outcome.value:<5}  "
         f"peak {format_bytes(p.peak_bytes):>10}  {format_seconds(p.seconds):>8}{note}"
     )
 
@@ -88,20 +92,25 @@ def find_max_summary(result: FindMaxResult, source: str) -> Panel:
         else:
             lines.append("Nothing fits: batch size 1 does not fit.\n", style="bold red")
     else:
-        lines.append("Max micro-batch: ", style="bold")
+        along = result.axis == "seq_len"
+        what = (
+            f"Max seq_len at micro-batch {result.held_batch_size}" if along else "Max micro-batch"
+        )
+        lines.append(f"{what}: ", style="bold")
         lines.append(f"{best}", style="bold green")
         if result.search.capped:
-            lines.append(
-                f"  (cap reached: probe.max_batch_size = {best}; larger sizes not tried)",
-                style="yellow",
-            )
+            cap = "the model's maximum positions or probe.max_batch_size" if along else (
+                "probe.max_batch_size"
+            )  # fmt: skip
+            lines.append(f"  (cap reached: {cap} = {best}; larger sizes not tried)", style="yellow")
         elif result.search.exact:
             lines.append(f"  (exact: {best} fits, {best + 1} does not)", style="dim")
         else:
             lines.append("  (not exact: search stopped early)", style="yellow")
         lines.append("\n")
         peak = result.peak_bytes
-        lines.append(f"Peak memory at {best}: {format_bytes(peak)}")
+        at = f"seq_len {best}" if along else f"{best}"
+        lines.append(f"Peak memory at {at}: {format_bytes(peak)}")
         if result.limit_bytes:
             lines.append(
                 f"  = {percent(peak, result.limit_bytes)} of the {limit_label(result)} "
@@ -132,7 +141,8 @@ def find_max_summary(result: FindMaxResult, source: str) -> Panel:
     )
     if result.trace_check is not None:
         check = result.trace_check
-        lines.append("\n" + check.describe(), style="dim" if check.agreed else "yellow")
+        size = "seq_len" if result.axis == "seq_len" else "batch"
+        lines.append("\n" + check.describe(size), style="dim" if check.agreed else "yellow")
     if result.interrupted:
         lines.append("\nInterrupted: results so far.", style="yellow")
     parts: list[Any] = [lines]

@@ -73,3 +73,12 @@ def lr_column(values: Sequence[float | None]) -> list[str]:
 def plural(n: int, word: str) -> str:
     """ "1 probe", "3 probes"."""
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def bar(value: float, top: float, width: int) -> str:
+    """A horizontal bar of `value` out of `top` in `width` cells, to an eighth of a cell."""
+    if top <= 0:
+        return ""
+    eighths = round(8 * width * value / top)
+    full, part = divmod(eighths, 8)
+    return "█" * full + ("▏▎▍▌▋▊▉"[part - 1] if part else "")

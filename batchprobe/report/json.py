@@ -9,6 +9,15 @@ The keys every consumer may rely on (sizes in bytes, times in seconds):
   recommended {micro_batch_size, ...}, warnings;
 - estimate: command, capacity_bytes, max_batch_size, points [{batch_size, peak_bytes,
   breakdown {parameters, gradients, optimizer_state, activations, other}}];
+- find-max, plan and estimate add peak_breakdown {batch_size, peak_bytes, source, reading,
+  by_module [{module, bytes, by_kind}], top_tensors [{bytes, shape, dtype, op, module, kind}]}
+  at the max (plan: the recommended micro-batch), or null;
+- estimate and plan add what_if [{change, max_batch_size, peak_bytes, changes_numerics,
+  effect, error}] with estimate.what_if (--what-if), else null; estimate adds sweep {axis:
+  seq_len, points [{seq_len, max_batch_size, tokens_per_micro_batch, peak_bytes, error}]} with
+  --sweep, else null;
+- find-max adds axis (batch_size | seq_len); along seq_len also max_seq_len, batch_size (the
+  micro-batch held), and each probe's seq_len (its batch_size is the one held);
 - check: command, passed, checks [{name, expected, measured, passed}];
 - noise-scale: command, b_simple, b_simple_stderr, steps.
 Under torchrun every command adds "world_size".
@@ -26,9 +35,14 @@ from batchprobe.results import (
     EstimateRun,
     FindMaxResult,
     NoiseRun,
+    PeakBreakdown,
     PlanRun,
+    WhatIf,
 )
 from batchprobe.search import Outcome
+
+#: tensors listed in `peak_breakdown.top_tensors` unless `--top` says
+DEFAULT_TOP = 8
 
 
 def device_dict(info: DeviceInfo) -> dict[str, Any]:
@@ -40,7 +54,13 @@ def device_dict(info: DeviceInfo) -> dict[str, Any]:
     }
 
 
-def find_max_json(result: FindMaxResult, source: str) -> dict[str, Any]:
+def breakdown_json(explained: PeakBreakdown | None, top: int) -> dict[str, object] | None:
+    """`peak_breakdown`: by_module (every module; the sums are the peak), the `top` largest
+    tensors, the reading, and whether the peak was measured or traced."""
+    return None if explained is None else explained.to_dict(top)
+
+
+def find_max_json(result: FindMaxResult, source: str, top: int = DEFAULT_TOP) -> dict[str, Any]:
     """The find-max contract, plus a few added keys."""
     error = result.error
     out: dict[str, Any] = {
@@ -63,9 +83,28 @@ def find_max_json(result: FindMaxResult, source: str) -> dict[str, Any]:
         "provenance": "measured",
         "interrupted": result.interrupted,
         "warnings": list(result.warnings),
+        "peak_breakdown": breakdown_json(result.explained, top),
     }
     if result.world_size > 1:
         out["world_size"] = result.world_size
+    out["axis"] = result.axis
+    if result.axis == "seq_len":
+        # the sizes were sequence lengths at one micro-batch: max_batch_size is that
+        # micro-batch (it trains at max_seq_len), and each probe says its length
+        found = result.max_batch_size
+        out.update(
+            max_seq_len=found,
+            batch_size=result.held_batch_size,
+            max_batch_size=result.held_batch_size if found is not None else None,
+            probes=[
+                {**p, "seq_len": p["batch_size"], "batch_size": result.held_batch_size}
+                for p in out["probes"]
+            ],
+        )
+        if out.get("peak_breakdown"):
+            out["peak_breakdown"] = {
+                **out["peak_breakdown"], "seq_len": found, "batch_size": result.held_batch_size
+            }  # fmt: skip
     if error is not None and error.failure is not None:
         out["error"] = {
             "batch_size": error.batch_size,
@@ -74,6 +113,12 @@ def find_max_json(result: FindMaxResult, source: str) -> dict[str, Any]:
             "traceback": error.failure.traceback,
         }
     return out
+
+
+def _what_if(rows: list[WhatIf] | None) -> list[dict[str, object]] | None:
+    """`what_if`: the spec's own row ("change": "(as specified)") and one per change, largest
+    max first; null when not asked for (estimate.what_if)."""
+    return None if rows is None else [r.to_dict() for r in rows]
 
 
 def to_json(data: dict[str, Any]) -> str:
@@ -90,7 +135,7 @@ PLAN_COLUMNS = (
 )  # fmt: skip
 
 
-def plan_json(run: PlanRun, source: str) -> dict[str, Any]:
+def plan_json(run: PlanRun, source: str, top: int = DEFAULT_TOP) -> dict[str, Any]:
     """The plan contract, plus the find-max part and provenance."""
     fm = run.find_max
     plan = run.plan
@@ -118,7 +163,9 @@ def plan_json(run: PlanRun, source: str) -> dict[str, Any]:
         "warnings": [*fm.warnings, *run.warnings, *(plan.warnings if plan else ())],
         "interrupted": run.interrupted,
         "noise_scale": noise_json(run.noise, source) if run.noise is not None else None,
-        "find_max": find_max_json(fm, source),
+        "peak_breakdown": breakdown_json(run.explained, top),
+        "what_if": _what_if(run.what_if),
+        "find_max": find_max_json(fm, source, top),
         "provenance": {
             "peak_bytes": "measured (full training steps)",
             "fwd_bwd_time_s": (
@@ -134,7 +181,7 @@ def plan_json(run: PlanRun, source: str) -> dict[str, Any]:
     }
 
 
-def estimate_json(run: EstimateRun, source: str) -> dict[str, Any]:
+def estimate_json(run: EstimateRun, source: str, top: int = DEFAULT_TOP) -> dict[str, Any]:
     """The estimate contract, plus the target, the allowance and provenance."""
     result = run.result
     a = run.allowance
@@ -163,6 +210,13 @@ def estimate_json(run: EstimateRun, source: str) -> dict[str, Any]:
                 "points": [p.to_dict() for p in result.points],
                 "seconds": round(result.seconds, 3),
                 "provenance": "estimated: fake-tensor trace of full training steps",
+                "peak_breakdown": breakdown_json(run.explained, top),
+                "what_if": _what_if(run.what_if),
+                "sweep": (
+                    None
+                    if run.sweep is None
+                    else {"axis": "seq_len", "points": [p.to_dict() for p in run.sweep]}
+                ),
             }
         )
         if run.verified is not None:
@@ -182,7 +236,8 @@ def estimate_json(run: EstimateRun, source: str) -> dict[str, Any]:
                 ],
                 "trace_error": {"op": err.op if err else None, "message": str(err)},
                 "provenance": "measured: real probes (the model could not be traced)",
-                "find_max": find_max_json(fm, source) if fm else None,
+                "find_max": find_max_json(fm, source, top) if fm else None,
+                "peak_breakdown": breakdown_json(run.explained, top),
             }
         )
     return out

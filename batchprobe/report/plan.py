@@ -11,8 +11,9 @@ from rich.table import Table
 from rich.text import Text
 
 from batchprobe.planning import UNSTABLE_SPREAD, Plan, Row
-from batchprobe.report.format import byte_unit, lr_column, num, percent, time_unit
+from batchprobe.report.format import bar, byte_unit, lr_column, num, percent, time_unit
 from batchprobe.report.json import PLAN_COLUMNS
+from batchprobe.report.plots import png, pyplot
 from batchprobe.results import PlanRun
 from batchprobe.spec import OPTIMIZER_CLASSES
 from batchprobe.units import format_bytes, format_count, format_seconds
@@ -211,14 +212,6 @@ def loop_snippet(r: Row, optimizer: str) -> list[str]:
     ]
 
 
-def _bar(value: float, top: float, width: int) -> str:
-    if top <= 0:
-        return ""
-    eighths = round(8 * width * value / top)
-    full, part = divmod(eighths, 8)
-    return "█" * full + ("▏▎▍▌▋▊▉"[part - 1] if part else "")
-
-
 def plan_chart(plan: Plan, width: int = 24) -> Table:
     """Throughput and peak memory against micro-batch, as bars."""
     rows = plan.rows
@@ -235,10 +228,9 @@ def plan_chart(plan: Plan, width: int = 24) -> Table:
     mark = round(width * plan.settings.headroom * limit / top_peak) if limit and top_peak else None
     for r in rows:
         rate = (
-            _bar(r.samples_per_s, top_rate, width).ljust(width)
-            + f" {format_count(r.samples_per_s)}"
+            bar(r.samples_per_s, top_rate, width).ljust(width) + f" {format_count(r.samples_per_s)}"
         )
-        mem = _bar(r.peak_bytes or 0, top_peak, width).ljust(width)
+        mem = bar(r.peak_bytes or 0, top_peak, width).ljust(width)
         if mark is not None and mark < width:
             mem = mem[:mark] + "│" + mem[mark + 1 :]
         table.add_row(
@@ -299,15 +291,7 @@ def plan_markdown(plan: Plan, run: PlanRun, source: str) -> str:
 
 def plan_plot(plan: Plan, source: str) -> bytes:
     """Throughput and peak memory against micro-batch: PNG bytes (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        from batchprobe.errors import MissingPackageError
-
-        raise MissingPackageError("matplotlib", "plot", "--plot") from None
+    plt = pyplot()
     xs = [r.micro_batch_size for r in plan.rows]
     fig, ax1 = plt.subplots(figsize=(7, 4), dpi=120)
     ax1.plot(xs, [r.samples_per_s for r in plan.rows], "o-", color="tab:blue", label="samples/s")
@@ -336,7 +320,4 @@ def plan_plot(plan: Plan, source: str) -> bytes:
         ax1.axvline(plan.recommended.micro_batch_size, color="tab:green", lw=1, label="recommended")
     ax1.set_title(f"batchprobe plan: {source}")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png(fig)

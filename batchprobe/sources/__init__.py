@@ -12,6 +12,7 @@ source: a module with `SOURCE = Source(prefix, summary, build)` and one line in 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import importlib.util
 from collections.abc import Iterator
@@ -109,6 +110,8 @@ def build_workload(spec: Spec, device: torch.device | str = "cpu") -> Workload:
     make_batch = make_batch_fn(
         inputs, base_dir, spec.train.channels_last, target_last=loss_name != "model"
     )
+    if spec.probe.axis == "seq_len":
+        make_batch = _along_seq_len(inputs, spec, base_dir, loss_name != "model")
     if spec.train.channels_last and inputs.kind == "image":
         built.module = built.module.to(memory_format=torch.channels_last)
     if spec.train.gradient_checkpointing:
@@ -134,6 +137,23 @@ def build_workload(spec: Spec, device: torch.device | str = "cpu") -> Workload:
         source=spec.model.source,
         has_batchnorm=has_bn,
     )
+
+
+def _along_seq_len(inputs: Inputs, spec: Spec, base_dir: Path | None, target_last: bool) -> BatchFn:
+    """probe.axis: seq_len — the size a probe is asked for is the sequence length, at the
+    micro-batch probe.batch_size."""
+    if inputs.kind != "tokens":
+        raise SpecError(
+            [Problem("probe.axis", f"seq_len needs token inputs; {spec.model.source} takes {inputs.kind}")]
+        )  # fmt: skip
+    fixed = spec.probe.batch_size
+    assert fixed is not None  # checked when the spec was loaded
+
+    def make(seq_len: int, device: torch.device) -> Batch:
+        at = dataclasses.replace(inputs, seq_len=seq_len)
+        return make_batch_fn(at, base_dir, False, target_last)(fixed, device)
+
+    return make
 
 
 FAKE_TENSOR_LOG = "torch._subclasses.fake_tensor"

@@ -295,8 +295,12 @@ class SimMode(TorchDispatchMode):
         finally:
             for block in transient:
                 dev.free(block)
+        from torch._subclasses.fake_tensor import FakeTensor
+
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            # a fake tensor made from a meta one (a trace materialising its model) is no memory
+            real = isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor)
+            if real and t.device.type != "meta":
                 self._track(dev, t)
         return out
 
