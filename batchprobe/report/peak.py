@@ -56,7 +56,7 @@ def peak_view(explained: PeakBreakdown, top: int = DEFAULT_TOP, size: str = "bat
         tensors.add_column(
             name,
             justify="right" if name == "bytes" else "left",
-            no_wrap=name in ("bytes", "dtype", "op", "kind"),
+            no_wrap=name != "module",
             overflow="fold",
         )
     for t in explained.top_tensors[:top]:

@@ -328,9 +328,13 @@ class SimMode(TorchDispatchMode):
 
 
 def _is_fake(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> bool:
+    """An op on fake tensors, or on meta ones only: no device is involved."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    return any(isinstance(a, FakeTensor) for a in tree_flatten((args, kwargs))[0])
+    tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+    if any(isinstance(a, FakeTensor) for a in tensors):
+        return True
+    return bool(tensors) and all(a.device.type == "meta" for a in tensors)
 
 
 @dataclass
