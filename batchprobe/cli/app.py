@@ -132,9 +132,9 @@ def find_max_cmd(
     json_: JsonOpt = False,
     output: OutputOpt = None,
 ) -> None:
-    """Largest micro-batch that completes full training steps (forward, backward, optimizer step): doubling, then bisection to the exact boundary.
+    """Largest micro-batch that completes full training steps (forward, backward, optimizer step), exact: max fits, max + 1 was tried and did not. Then what fills the peak there, by module and tensor.
 
-    Works from flags alone (--model torchvision:resnet50 --input 3x224x224) or from a YAML spec. Exit codes: 0 found, 2 bad input or a model error, 3 device missing, 4 nothing fits, 130 interrupted (partial results still printed and written).
+    The search starts from the fake-tensor trace and learns from every probe (--strategy). --axis seq_len --batch-size N finds the longest sequence at micro-batch N instead. Works from flags alone (--model torchvision:resnet50 --input 3x224x224) or from a YAML spec. Exit codes: 0 found, 2 bad input or a model error, 3 device missing, 4 nothing fits, 130 interrupted (partial results still printed and written).
     """
     out = Out(json_)
     with handled(out, "find-max", output):
@@ -257,7 +257,7 @@ def estimate_cmd(
 ) -> None:
     """Memory of full training steps traced with fake tensors (no compute, no device memory), its breakdown, and the largest batch that fits a GPU of a given capacity.
 
-    Without --gpu/--capacity the target is the configured device (on CPU: its budget, and the estimate equals what find-max measures), and one real probe at the estimated max checks the trace there (--no-verify skips it). Where the model cannot be traced, says which op and falls back to real probes.
+    Without --gpu/--capacity the target is the configured device (on CPU: its budget, and the estimate equals what find-max measures), and one real probe at the estimated max checks the trace there (--no-verify skips it). --what-if adds the max under each change that applies; --sweep seq_len=... the max at each sequence length. Where the model cannot be traced, says which op and falls back to real probes.
     """
     out = Out(json_)
     with handled(out, "estimate", output):
