@@ -183,9 +183,21 @@ class Dist:
         if self.parallel == "fsdp" and self.rebuild is not None:
             self.rebuild()
 
+    #: how long a rank waits at the end for its peers before tearing the groups down
+    CLOSE_TIMEOUT_S = 30.0
+
     def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        """Wait (boundedly) until every rank is done, then tear the groups down: a rank that
+        destroys its groups while a peer's gloo threads still talk to it can abort at exit."""
+        if not dist.is_initialized():
+            return
+        if self.control is not None:
+            try:
+                timeout = timedelta(seconds=self.CLOSE_TIMEOUT_S)
+                dist.monitored_barrier(group=self.control, timeout=timeout)
+            except Exception:  # a peer that died or hangs: tear down anyway
+                pass
+        dist.destroy_process_group()
 
     # -- the model ------------------------------------------------------------------------
     def wrap(self, backend: Backend) -> Callable[[nn.Module], nn.Module] | None:
