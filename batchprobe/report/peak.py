@@ -52,20 +52,19 @@ def peak_view(explained: PeakBreakdown, top: int = DEFAULT_TOP, size: str = "bat
         )
     tensors = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), title_justify="left")
     tensors.title = "largest tensors"
-    for name in ("bytes", "shape", "dtype", "op", "module", "kind"):
-        tensors.add_column(
-            name,
-            justify="right" if name == "bytes" else "left",
-            no_wrap=name != "module",
-            overflow="fold",
-        )
+    tensors.add_column("bytes", justify="right", no_wrap=True)
+    tensors.add_column("kind", no_wrap=True)
+    tensors.add_column("shape", no_wrap=True)
+    tensors.add_column("dtype", no_wrap=True)
+    tensors.add_column("op", no_wrap=True, overflow="ellipsis", max_width=14)
+    tensors.add_column("module", overflow="fold", min_width=10)
     for t in explained.top_tensors[:top]:
         tensors.add_row(
             format_bytes(t.bytes),
+            _KIND.get(t.kind, t.kind),
             "[" + ", ".join(str(d) for d in t.shape) + "]",
             t.dtype,
             t.op,
             t.module,
-            _KIND.get(t.kind, t.kind),
         )
     return Group(head, modules, tensors)
