@@ -73,3 +73,14 @@ def test_an_axis_that_cannot_apply_is_named(args: list[str], key: str) -> None:
     result = runner.invoke(app, [*args, "--device", "cpu"])
     assert result.exit_code == 2, result.output
     assert key in result.output and "Traceback" not in result.output
+
+
+def test_nothing_fits_along_seq_len_exits_4_with_nulls(tmp_path: Path) -> None:
+    path = _spec(tmp_path, "1MiB")  # less than the model's parameters and their gradients
+    args = ["find-max", "--config", str(path), "--axis", "seq_len", "--batch-size", "4", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 4, result.output
+    data = json.loads(result.stdout)
+    assert data["max_seq_len"] is None and data["max_batch_size"] is None
+    assert data["probes"] and all(p["outcome"] == "oom" for p in data["probes"])
+    assert "seq_len 1 at micro-batch 4 does not fit" in result.output

@@ -89,6 +89,11 @@ def find_max_summary(result: FindMaxResult, source: str) -> Panel:
             lines.append(
                 "Stopped: the model raised an error (not a memory problem).\n", style="bold red"
             )
+        elif result.axis == "seq_len":
+            lines.append(
+                f"Nothing fits: seq_len 1 at micro-batch {result.held_batch_size} does not fit.\n",
+                style="bold red",
+            )
         else:
             lines.append("Nothing fits: batch size 1 does not fit.\n", style="bold red")
     else:

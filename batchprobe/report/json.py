@@ -87,24 +87,6 @@ def find_max_json(result: FindMaxResult, source: str, top: int = DEFAULT_TOP) ->
     }
     if result.world_size > 1:
         out["world_size"] = result.world_size
-    out["axis"] = result.axis
-    if result.axis == "seq_len":
-        # the sizes were sequence lengths at one micro-batch: max_batch_size is that
-        # micro-batch (it trains at max_seq_len), and each probe says its length
-        found = result.max_batch_size
-        out.update(
-            max_seq_len=found,
-            batch_size=result.held_batch_size,
-            max_batch_size=result.held_batch_size if found is not None else None,
-            probes=[
-                {**p, "seq_len": p["batch_size"], "batch_size": result.held_batch_size}
-                for p in out["probes"]
-            ],
-        )
-        if out.get("peak_breakdown"):
-            out["peak_breakdown"] = {
-                **out["peak_breakdown"], "seq_len": found, "batch_size": result.held_batch_size
-            }  # fmt: skip
     if error is not None and error.failure is not None:
         out["error"] = {
             "batch_size": error.batch_size,
@@ -112,6 +94,26 @@ def find_max_json(result: FindMaxResult, source: str, top: int = DEFAULT_TOP) ->
             "message": error.failure.message,
             "traceback": error.failure.traceback,
         }
+    out["axis"] = result.axis
+    return _along_seq_len(out, result) if result.axis == "seq_len" else out
+
+
+def _along_seq_len(out: dict[str, Any], result: FindMaxResult) -> dict[str, Any]:
+    """The sizes were sequence lengths at one micro-batch: `max_seq_len` is the answer,
+    `max_batch_size` that micro-batch (it trains at max_seq_len; null when nothing fits), and
+    every probe, the explanation and the error say their `seq_len` beside it."""
+    held = result.held_batch_size
+    found = result.max_batch_size
+    out.update(
+        max_seq_len=found,
+        batch_size=held,
+        max_batch_size=held if found is not None else None,
+        probes=[{**p, "seq_len": p["batch_size"], "batch_size": held} for p in out["probes"]],
+    )
+    if out.get("peak_breakdown"):
+        out["peak_breakdown"] = {**out["peak_breakdown"], "seq_len": found, "batch_size": held}
+    if "error" in out:
+        out["error"] = {**out["error"], "seq_len": out["error"]["batch_size"], "batch_size": held}
     return out
 
 
