@@ -54,8 +54,9 @@ def run(
     base: EstimateResult,
     progress: Progress | None = None,
 ) -> list[WhatIf]:
-    """The spec's own estimate and one per change, largest max first (the spec's own row and
-    the changes that could not be estimated last among equals)."""
+    """The spec's own estimate and one per change, largest max first; a change that could not
+    be estimated (a model without a checkpointing switch, an untraceable variant) says why,
+    last."""
     progress = progress or Progress()
     rows = [_row(AS_SPECIFIED, "spec", base)]
     for change, effect in changes(spec, base.allowance):
