@@ -26,6 +26,9 @@ class StepObserver(Protocol):
 
     def mark(self, tensors: Any, tag: str) -> None: ...
 
+    def region(self, name: str) -> None:
+        """What is made from here on, outside any module, is this region's (the loss)."""
+
 
 class TrainStep:
     """A model on its device with a fresh optimizer per `begin()`; drives one step at a time."""
@@ -160,9 +163,8 @@ class TrainStep:
             )
             with ctx:
                 out = model(*batch.args, **batch.kwargs)
-                region = getattr(self.observer, "region", None)
-                if region is not None:  # what is made from here on is the loss's
-                    region("loss")
+                if self.observer is not None:
+                    self.observer.region("loss")
                 loss = self.workload.loss_fn(out, batch)
             del out
             if loss_divisor != 1:

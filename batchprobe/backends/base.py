@@ -57,6 +57,9 @@ class Meter(Protocol):
 
     def mark(self, tensors: Iterable[torch.Tensor], tag: str) -> None: ...
 
+    def region(self, name: str) -> None:
+        """The step's region outside any module (the loss): for a meter that explains."""
+
     def retained_bytes(self) -> int:
         """Bytes allocated inside the region that are still held (call after cleanup)."""
         ...

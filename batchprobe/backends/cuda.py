@@ -96,6 +96,9 @@ class CudaMeter:
         f.reserved_bytes = max(f.reserved_bytes or 0, reserved)
         f.phase_peaks[self.current_phase] = max(f.phase_peaks.get(self.current_phase, 0), peak)
 
+    def region(self, name: str) -> None:
+        return None  # the allocator sees blocks, not who made them
+
     def mark(self, tensors: Iterable[torch.Tensor], tag: str) -> None:
         return None
 

@@ -18,7 +18,7 @@ from batchprobe.errors import ModelError, Problem, SpecError
 from batchprobe.estimate import TraceError, estimate
 from batchprobe.flows.progress import Progress
 from batchprobe.results import Allowance, Effect, EstimateResult, SweepPoint, WhatIf
-from batchprobe.sources import build_workload, quiet_warnings
+from batchprobe.sources import Inputs, build_workload, quiet_warnings
 from batchprobe.spec import Spec, load_spec
 
 AS_SPECIFIED = "(as specified)"
@@ -41,8 +41,7 @@ def changes(spec: Spec, allowance: Allowance) -> Iterator[tuple[str, Effect]]:
     chosen = "foreach" in opt.kwargs or "fused" in opt.kwargs
     if allowance.foreach and opt.name != "none" and not chosen:
         yield "train.optimizer.foreach=false", "none"
-    with quiet_warnings():
-        inputs = build_workload(spec, "meta").inputs
+    inputs = _inputs(spec)
     if inputs.kind == "image" and not train.channels_last:
         yield "train.channels_last=true", "none"
     if inputs.kind == "tokens" and inputs.seq_len and inputs.seq_len >= 2:
@@ -77,8 +76,7 @@ def sweep(
     """The estimated max micro-batch at each sequence length (token inputs), in order; a
     length beyond the model's maximum positions is not traced, and says so."""
     progress = progress or Progress()
-    with quiet_warnings():
-        inputs = build_workload(spec, "meta").inputs
+    inputs = _inputs(spec)
     if inputs.kind != "tokens":
         raise SpecError(
             [Problem("estimate.sweep_seq_len", f"needs token inputs, not {inputs.kind}")]
@@ -107,6 +105,12 @@ def with_change(spec: Spec, change: str) -> Spec:
     return replace(
         load_spec(text=json.dumps(spec.to_dict()), overrides=[change]), origin=spec.origin
     )
+
+
+def _inputs(spec: Spec) -> Inputs:
+    """The spec's inputs with the model's defaults filled in (the model built on no device)."""
+    with quiet_warnings():
+        return build_workload(spec, "meta").inputs
 
 
 def _row(change: str, effect: Effect, result: EstimateResult) -> WhatIf:
