@@ -62,6 +62,9 @@ LIMIT_PATTERNS: tuple[str, ...] = (
     "invalid configuration argument",
     "integer out of range",
 )
+#: a library's own failed allocation, which under a host limit that fails allocations (an
+#: rlimit) is that limit: oneDNN reports it as a primitive it could not create, C++ as bad_alloc
+HOST_OOM_PATTERNS: tuple[str, ...] = ("could not create a primitive", "std::bad_alloc")
 #: failures that mean "too large" near the boundary, but not memory when even batch 1 fails
 NOT_MEMORY_AT_ONE: frozenset[FailureKind] = frozenset({"unsupported"})
 #: cudaError_t codes (torch.AcceleratorError.error_code, torch >= 2.8)
@@ -150,6 +153,15 @@ def failed_allocation(text: str, meter: Meter | None) -> tuple[int | None, int |
     return allocated, allocated + request, None
 
 
+def host_failure(failure: Failure, text: str) -> Failure:
+    """Under a host limit that fails allocations, a library's own failed allocation (text:
+    the failure's messages) is that limit's OOM."""
+    low = text.lower()
+    if failure.outcome is Outcome.ERROR and any(p in low for p in HOST_OOM_PATTERNS):
+        return Failure(Outcome.OOM, "host", failure.error_type, failure.message)
+    return failure
+
+
 def _format(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
@@ -203,6 +215,8 @@ def run_probe(
         except Exception as exc:
             failure = classify(exc)
             text = " ".join(str(e) for e in _chain(exc))
+            if meter is not None and meter.host_limited:
+                failure = host_failure(failure, text)
         finally:
             # Recovery runs here, outside the except block: `exc` and its frames are gone.
             step.observer = None
@@ -222,7 +236,10 @@ def run_probe(
         live, need, op = failed_allocation(text, meter)
         if failure.kind == "host":
             # the host's limit (an rlimit, the RAM) counts what the process maps, not tensor
-            # bytes: the bytes live when it failed, and the request, are no bound on tensor bytes
+            # bytes — library kernels, scratch inside an op — and under an rlimit what fits
+            # moves by a few percent with the shapes run before: the bytes live at the failure
+            # and the request bound nothing a search can lean on (one that leaned on them
+            # chased a limit that kept falling: 21 probes where bisection took 15), so it bisects
             live = need = None
     if failure is None and is_thrashing(figures.step_retries):
         failure = Failure(

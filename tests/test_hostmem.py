@@ -122,3 +122,69 @@ def test_a_real_address_space_limit_sets_capacity_and_budget() -> None:
     # the limit was set after torch was imported: what is left is about the 768 MiB given
     assert 512 * MiB < got["capacity"] <= 768 * MiB
     assert got["budget"] == got["capacity"]
+
+
+PROBES = textwrap.dedent(
+    """
+    import gc, json, resource, sys
+    import torch
+    torch.set_num_threads(2)
+    from batchprobe.backends import hostmem
+    from batchprobe.probe import run_probe
+    from batchprobe.session import open_session
+    from batchprobe.spec import load_spec
+
+    limit = hostmem._status("/proc", "VmSize") + int(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+    spec = load_spec(text=json.dumps({
+        "model": {"source": "zoo:mlp", "kwargs": {"hidden": 1024, "depth": 3}},
+        "probe": {"device": "cpu"},
+    }))
+    session = open_session(spec)
+    backend, step = session.backend, session.step
+    room = limit - hostmem._status("/proc", "VmSize")
+    storages = {}  # every tensor byte the process holds (parameters, gradients, state)
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor) and o.device.type == "cpu":
+            storages[o.untyped_storage().data_ptr()] = o.untyped_storage().nbytes()
+    held = sum(storages.values())
+    fits = []
+    for _ in range(3):
+        before = hostmem._status("/proc", "VmSize")
+        fit = run_probe(step, backend, 2000)
+        fits.append((fit.outcome.value, hostmem._status("/proc", "VmSize") - before))
+    over = run_probe(step, backend, 60000)
+    print(json.dumps({
+        "capacity": backend.capacity_bytes, "budget": backend.budget_bytes, "room": room,
+        "held": held, "fits": fits, "over": [over.outcome.value, over.failure.kind,
+        over.live_bytes, over.need_bytes],
+    }))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_probes_under_an_address_space_limit_leave_the_room_they_found() -> None:
+    """Under RLIMIT_AS: capacity is the room left once the model has run (building and warming
+    it maps threads, kernels and arenas), and a probe gives back the address space it took
+    (glibc kept it before: the next probe had ~100 MiB less)."""
+    out = subprocess.run(
+        [sys.executable, "-c", PROBES, str(768 * MiB)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MALLOC_ARENA_MAX": "2"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    # what the session itself took is no longer counted as room for tensors
+    assert got["capacity"] <= got["room"] + got["held"] + 16 * MiB
+    assert got["budget"] == got["capacity"]
+    assert all(outcome == "fit" for outcome, _ in got["fits"])
+    # the first probe of a size may map a library's kernels and scratch; the same size again
+    # takes nothing more
+    (_, first), *again = got["fits"]
+    assert first <= 32 * MiB and all(grown <= 4 * MiB for _, grown in again), got["fits"]
+    outcome, kind, _, _ = got["over"]
+    assert (outcome, kind) == ("oom", "host")

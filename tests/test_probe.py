@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from batchprobe.probe import classify, run_probe
+from batchprobe.probe import classify, host_failure, run_probe
 from batchprobe.search import Observation, Outcome, search
 from batchprobe.units import MemorySize
 
@@ -69,6 +69,19 @@ def test_non_memory_limits_are_limits(text: str) -> None:
 def test_sticky_errors_are_errors_marked_sticky(text: str) -> None:
     failure = classify(RuntimeError(text))
     assert failure.outcome is Outcome.ERROR and failure.sticky
+
+
+def test_a_library_that_cannot_allocate_under_an_rlimit_is_out_of_memory() -> None:
+    # seen under `prlimit --as` near the boundary: oneDNN fails to create a primitive whose
+    # scratch would not fit; under a limit that fails allocations that is the limit's OOM,
+    # and the search goes on (an error would end it short of the boundary)
+    for text in ("could not create a primitive", "std::bad_alloc"):
+        failure = classify(RuntimeError(text))
+        assert failure.outcome is Outcome.ERROR  # without such a limit it says nothing
+        host = host_failure(failure, text)
+        assert (host.outcome, host.kind) == (Outcome.OOM, "host")
+    other = classify(ValueError("mat1 and mat2 shapes cannot be multiplied"))
+    assert host_failure(other, str(other.message)) is other
 
 
 def test_other_errors_keep_their_traceback() -> None:

@@ -52,6 +52,9 @@ class Meter(Protocol):
     tensors are gradients and optimizer state."""
 
     figures: MemoryFigures
+    #: the process runs under a limit that fails its allocations (an rlimit): any allocation
+    #: that fails — a library's scratch memory as well as a tensor — is that limit
+    host_limited: bool
 
     def phase(self, name: str) -> None: ...
 

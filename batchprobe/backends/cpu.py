@@ -20,7 +20,13 @@ from typing import Any
 import torch
 
 from batchprobe.backends.base import Math, MemoryFigures
-from batchprobe.backends.hostmem import HostLimit, binding, host_limits, ram_available
+from batchprobe.backends.hostmem import (
+    HostLimit,
+    binding,
+    host_limits,
+    pin_mmap_threshold,
+    ram_available,
+)
 from batchprobe.memory import ModuleScope, StorageLedger, TrackingMode
 from batchprobe.results import Allowance, DeviceInfo
 from batchprobe.spec import EstimateSpec, Precision, TrainSpec
@@ -54,9 +60,10 @@ def cpu_name() -> str:
 class CpuMeter:
     """The ledger of one probe; the step's observer."""
 
-    def __init__(self, ledger: StorageLedger) -> None:
+    def __init__(self, ledger: StorageLedger, host_limited: bool = False) -> None:
         self.ledger = ledger
         self.figures = MemoryFigures(start_bytes=ledger.live_bytes)
+        self.host_limited = host_limited
 
     def phase(self, name: str) -> None:
         self.ledger.phase(name)
@@ -91,6 +98,11 @@ class CpuBackend:
         self.capacity_bytes = self.limit.headroom_bytes
         self.budget_bytes: int | None = self.default_budget()
         self.budget_is_default = True
+        self._budget: MemorySize | None = None
+        self._held_bytes: int | None = None  # what the last region found held (parameters)
+        if self.limit.catchable:
+            # what a probe frees goes back to the kernel: the next finds the room it left
+            pin_mmap_threshold()
 
     def default_budget(self) -> int:
         """All the headroom under an rlimit (its failures are caught), else half of it."""
@@ -141,6 +153,7 @@ class CpuBackend:
         )
 
     def set_budget(self, budget: MemorySize | None) -> int | None:
+        self._budget = budget
         if budget is None:
             self.budget_bytes = self.default_budget()
             self.budget_is_default = True
@@ -159,7 +172,8 @@ class CpuBackend:
         scope = ModuleScope(model) if model is not None else contextlib.nullcontext()
         ledger.scope = scope if isinstance(scope, ModuleScope) else None
         ledger.mark(persistent, "parameters")
-        meter = CpuMeter(ledger)
+        self._held_bytes = ledger.live_bytes
+        meter = CpuMeter(ledger, host_limited=bool(self.limit and self.limit.catchable))
         try:
             with scope, TrackingMode(ledger):
                 yield meter
@@ -201,7 +215,15 @@ class CpuBackend:
         return None  # cuDNN and TF32 do not apply to the CPU
 
     def settle(self) -> None:
-        return None  # capacity is the RAM available at start; a warm-up changes nothing here
+        """Under an rlimit, capacity becomes the room left once the model has run (its first
+        steps map threads, kernels and allocator arenas: address space no tensor can have) plus
+        what it holds for its life (the parameters), which the ledger counts. Elsewhere (the
+        RAM, a cgroup) capacity stays what was free at start: a warm-up changes nothing there."""
+        if self.limit is None or not self.limit.catchable or self._held_bytes is None:
+            return
+        self.limit = self.limit.now()
+        self.capacity_bytes = min(self.capacity_bytes, self.limit.headroom_bytes + self._held_bytes)
+        self.set_budget(None if self.budget_is_default else self._budget)
 
     def estimate_target(self, estimate: EstimateSpec) -> tuple[str, int, Allowance]:
         """The CPU's own budget, with no allowance: the estimate is what find-max will measure."""

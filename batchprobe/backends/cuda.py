@@ -62,6 +62,8 @@ class CudaMeter:
     """The step's observer: at each phase change it closes the previous phase's peak and resets
     the allocator's peak counter (host-side bookkeeping: no synchronization needed)."""
 
+    host_limited = False
+
     def __init__(self, drv: CudaDriver, index: int, start_bytes: int) -> None:
         self.figures = MemoryFigures(start_bytes=start_bytes)
         self.drv = drv
