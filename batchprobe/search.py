@@ -308,7 +308,7 @@ def learned(
         k.add(b, obs)
     br = _Bracket(cap)
     b, expect, span = start, None, 0
-    if prior is not None and (around := k.interval()) is not None:
+    if (around := k.interval()) is not None:  # a prior, or measurements seen before
         b, expect = around[1], Outcome.FIT
     b = min(max(b, 1), cap)
     retry = True  # once per search, the line corrected by a miss is followed before bisecting

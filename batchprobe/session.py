@@ -35,6 +35,7 @@ from batchprobe.results import (
 )
 from batchprobe.search import (
     STRATEGIES,
+    Observation,
     Outcome,
     Prior,
     SearchContext,
@@ -367,8 +368,7 @@ class _RoomWatch:
         done.observations += again.observations
         if again.observations and again.observations[0][1].outcome is Outcome.FIT:
             return [*notes, f"micro-batch {size} still fits after the fall"]
-        # what was seen with the room as it is now informs the search below
-        after = tuple(done.observations[self.fell_at :])
+        after = _since_the_fall(done.observations, self.fell_at)
         below = dataclasses.replace(ctx, cap=size - 1, start=min(ctx.start, size - 1), seen=after)
         name = "estimate" if below.prior is not None else "predict"
         if size > 1:
@@ -378,6 +378,25 @@ class _RoomWatch:
             done.probes += rest.probes
             done.observations += rest.observations
         return [*notes, f"micro-batch {size} no longer fits: searched again below it"]
+
+
+def _since_the_fall(
+    observations: Sequence[tuple[int, Observation]], fell_at: int
+) -> tuple[tuple[int, Observation], ...]:
+    """What informs the search below a fall: everything seen since, and the fits before it whose
+    peak is under every need seen since (a fall by a little — a host's limit moves with what its
+    libraries map — leaves them true, and they give the line and a floor, so the search below
+    does not start again from batch 1)."""
+    after = tuple(observations[fell_at:])
+    needs = [o.need_bytes for _, o in after if o.outcome is Outcome.OOM and o.need_bytes]
+    if not needs:
+        return after
+    still = tuple(
+        (b, o)
+        for b, o in observations[:fell_at]
+        if o.outcome is Outcome.FIT and o.peak_bytes and o.peak_bytes < min(needs)
+    )
+    return still + after
 
 
 def _available(backend: Backend | DeviceView) -> int | None:
