@@ -368,7 +368,8 @@ class _RoomWatch:
         done.observations += again.observations
         if again.observations and again.observations[0][1].outcome is Outcome.FIT:
             return [*notes, f"micro-batch {size} still fits after the fall"]
-        after = _since_the_fall(done.observations, self.fell_at)
+        # the warm-up is a fit measured before the search: still true if its peak is
+        after = _since_the_fall([*ctx.seen, *done.observations], self.fell_at + len(ctx.seen))
         below = dataclasses.replace(ctx, cap=size - 1, start=min(ctx.start, size - 1), seen=after)
         name = "estimate" if below.prior is not None else "predict"
         if size > 1:
