@@ -63,8 +63,10 @@ LIMIT_PATTERNS: tuple[str, ...] = (
     "integer out of range",
 )
 #: a library's own failed allocation, which under a host limit that fails allocations (an
-#: rlimit) is that limit: oneDNN reports it as a primitive it could not create, C++ as bad_alloc
-HOST_OOM_PATTERNS: tuple[str, ...] = ("could not create a primitive", "std::bad_alloc")
+#: rlimit) is that limit: oneDNN reports it as a primitive it could not create, C++ as
+#: bad_alloc. Not "could not create a primitive descriptor": a configuration oneDNN does not
+#: support (bf16 on a CPU without the instructions), whatever the memory
+HOST_OOM_RE = re.compile(r"could not create a primitive(?! descriptor)|std::bad_alloc")
 #: failures that mean "too large" near the boundary, but not memory when even batch 1 fails
 NOT_MEMORY_AT_ONE: frozenset[FailureKind] = frozenset({"unsupported"})
 #: cudaError_t codes (torch.AcceleratorError.error_code, torch >= 2.8)
@@ -156,8 +158,7 @@ def failed_allocation(text: str, meter: Meter | None) -> tuple[int | None, int |
 def host_failure(failure: Failure, text: str) -> Failure:
     """Under a host limit that fails allocations, a library's own failed allocation (text:
     the failure's messages) is that limit's OOM."""
-    low = text.lower()
-    if failure.outcome is Outcome.ERROR and any(p in low for p in HOST_OOM_PATTERNS):
+    if failure.outcome is Outcome.ERROR and HOST_OOM_RE.search(text.lower()):
         return Failure(Outcome.OOM, "host", failure.error_type, failure.message)
     return failure
 

@@ -309,7 +309,10 @@ def learned(
     br = _Bracket(cap)
     b, expect, span = start, None, 0
     if (around := k.interval()) is not None:  # a prior, or measurements seen before
-        b, expect = around[1], Outcome.FIT
+        if around[0] < around[1]:  # a range (failures showed a lower limit): halve it
+            b, span = (around[0] + around[1] + 1) // 2, around[1] - around[0] + 1
+        else:
+            b, expect = around[1], Outcome.FIT
     b = min(max(b, 1), cap)
     retry = True  # once per search, the line corrected by a miss is followed before bisecting
     while True:

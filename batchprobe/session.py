@@ -322,7 +322,7 @@ class _RoomWatch:
         self.prober = prober
         self.start = _available(backend)
         self.probes = 0
-        self.fell_at: int | None = None  # probes made when the fall was first seen
+        self.fell_at: int | None = None  # probes run when the fall was first seen
         self.fall = 0
 
     def __call__(self, batch_size: int) -> ProbeResult:
@@ -349,8 +349,11 @@ class _RoomWatch:
                 f"(another process on the device?): probes from #{self.fell_at + 1} on had less "
                 "room"
             ]
+            # probes answered from earlier ones never came here: count the ones that ran
+            ran = [i for i, p in enumerate(done.probes) if not p.reused]
+            fell_at = ran[self.fell_at] if self.fell_at < len(ran) else len(done.probes)
         elif (fell := limit_fell(done.observations)) is not None:
-            self.fell_at, (b, need, size, peak) = fell
+            fell_at, (b, need, size, peak) = fell
             notes = [
                 f"batch {b} failed needing {format_bytes(need)}, less than the "
                 f"{format_bytes(peak)} batch {size} used when it fit: the limit fell during the "
@@ -360,7 +363,7 @@ class _RoomWatch:
             return []
         fits = [i for i, (_, o) in enumerate(done.observations) if o.outcome is Outcome.FIT]
         best = max(fits, key=lambda i: done.observations[i][0], default=None)
-        if best is None or best >= self.fell_at:
+        if best is None or best >= fell_at:
             return notes
         size = done.observations[best][0]
         again = drive(iter_once(size), self, limit_bytes=limit_bytes, progress=progress)
@@ -369,7 +372,7 @@ class _RoomWatch:
         if again.observations and again.observations[0][1].outcome is Outcome.FIT:
             return [*notes, f"micro-batch {size} still fits after the fall"]
         # the warm-up is a fit measured before the search: still true if its peak is
-        after = _since_the_fall([*ctx.seen, *done.observations], self.fell_at + len(ctx.seen))
+        after = _since_the_fall([*ctx.seen, *done.observations], fell_at + len(ctx.seen))
         below = dataclasses.replace(ctx, cap=size - 1, start=min(ctx.start, size - 1), seen=after)
         name = "estimate" if below.prior is not None else "predict"
         if size > 1:
@@ -384,18 +387,20 @@ class _RoomWatch:
 def _since_the_fall(
     observations: Sequence[tuple[int, Observation]], fell_at: int
 ) -> tuple[tuple[int, Observation], ...]:
-    """What informs the search below a fall: everything seen since, and the fits before it whose
-    peak is under every need seen since (a fall by a little — a host's limit moves with what its
-    libraries map — leaves them true, and they give the line and a floor, so the search below
-    does not start again from batch 1)."""
+    """What informs the search below a fall: everything seen since, and the fits before it that
+    are still true — those whose peak is at most what the limit was proven to allow since (the
+    bytes live when a later allocation failed, a later fit's peak). They give the line and a
+    floor, so a search below a small fall does not start again from batch 1."""
     after = tuple(observations[fell_at:])
-    needs = [o.need_bytes for _, o in after if o.outcome is Outcome.OOM and o.need_bytes]
-    if not needs:
-        return after
+    proven = max(
+        [o.live_bytes or 0 for _, o in after if o.outcome is Outcome.OOM]
+        + [o.peak_bytes or 0 for _, o in after if o.outcome is Outcome.FIT],
+        default=0,
+    )
     still = tuple(
         (b, o)
         for b, o in observations[:fell_at]
-        if o.outcome is Outcome.FIT and o.peak_bytes and o.peak_bytes < min(needs)
+        if o.outcome is Outcome.FIT and o.peak_bytes and o.peak_bytes <= proven
     )
     return still + after
 

@@ -174,11 +174,11 @@ def test_probes_under_an_address_space_limit_leave_the_room_they_found() -> None
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "MALLOC_ARENA_MAX": "2"},
     )
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     # what the session itself took is no longer counted as room for tensors
+    assert got["room"] + got["held"] - 32 * MiB <= got["capacity"]
     assert got["capacity"] <= got["room"] + got["held"] + 16 * MiB
     assert got["budget"] == got["capacity"]
     assert all(outcome == "fit" for outcome, _ in got["fits"])

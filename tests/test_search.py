@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 
@@ -176,39 +177,6 @@ def test_learning_is_never_worse_than_doubling() -> None:
     assert all(max(counts[(e, 1.0)]) <= 4 for e in (0.25, 0.5, 2.0, 8.0))
 
 
-class HostDevice(Device):
-    """A host limit on address space: besides the tensors, libraries map scratch that grows
-    with the batch (`overhead` bytes per sample) and no tensor ledger sees. Fits and failures
-    report tensor bytes, so the limit in those bytes falls as the batch grows, and a line
-    through the peaks always lands a little too high."""
-
-    def __init__(self, fixed: float, per_sample: float, limit: int, overhead: float) -> None:
-        super().__init__(fixed, per_sample, limit)
-        self.overhead = overhead
-
-    def __call__(self, b: int) -> Observation:
-        seen = Device(self.fixed, self.per_sample, int(self.limit - self.overhead * b), self.k)
-        return seen(b)
-
-    def boundary(self) -> int:
-        return max(0, math.floor((self.limit - self.fixed) / (self.per_sample + self.overhead)))
-
-
-def test_a_limit_the_line_keeps_missing_costs_no_more_than_doubling() -> None:
-    """Under an rlimit the tensor bytes a size may use shrink with the size (library scratch):
-    every probe the model places from the limit it was told lands just over, and the limit is
-    learned from the failures."""
-    for boundary in (200, 1500, 16000):
-        for error in (1.0, 0.5, 2.0):
-            per_sample = 32e3
-            limit = int(30e6 + (per_sample * 1.04) * (boundary + 0.5))
-            device = HostDevice(30e6, per_sample, limit, overhead=0.04 * per_sample)
-            prior = Prior(Line(30e6, per_sample * error))
-            ours = _run(device, "estimate", limit, prior)
-            plain = _run(device, "doubling", limit)
-            assert len(ours) <= len(plain), (boundary, error, ours, plain)
-
-
 def test_a_failed_allocation_teaches_the_limit() -> None:
     # told 3x the real limit (another process, a cgroup): failures say where it really is
     device = Device(100e6, 1e6, int(100e6 + 1e6 * 200.5))
@@ -278,28 +246,37 @@ def test_a_failure_needing_less_than_a_smaller_fit_shows_the_limit_fell() -> Non
     assert limit_fell(fell) == (2, (97, 600, 96, 1000))
 
 
-def test_after_a_small_fall_the_search_below_keeps_the_fits_still_true() -> None:
+def test_after_a_fall_the_search_below_keeps_only_the_fits_still_true() -> None:
     from batchprobe.session import _since_the_fall
 
     def fit(peak: int) -> Observation:
         return Observation(Outcome.FIT, peak_bytes=peak, line_bytes=peak)
 
-    seen = [(100, fit(1000)), (150, fit(1500)), (160, Observation(Outcome.OOM, need_bytes=1600))]
-    seen += [(155, fit(1550)), (156, Observation(Outcome.OOM, need_bytes=1540))]  # fell here
-    after = _since_the_fall(seen, 4)
-    # 100 and 150 used less than 156 needed since: still true, they give the line a floor;
-    # 155 used more than that, so the room it had is gone
+    def device(limit: int) -> Callable[[int], Observation]:
+        return lambda b: (
+            fit(10 * b)
+            if 10 * b <= limit
+            else Observation(Outcome.OOM, live_bytes=limit - 20, need_bytes=10 * b)
+        )
+
+    before = [(100, fit(1000)), (150, fit(1500)), (160, Observation(Outcome.OOM, need_bytes=1600))]
+    before += [(155, fit(1550))]
+    # a small fall: 156 failed with 1510 bytes live, so the limit still allows 1510
+    small = [*before, (156, Observation(Outcome.OOM, live_bytes=1510, need_bytes=1540))]
+    after = _since_the_fall(small, 4)
+    # 100 and 150 used no more than that: still true, they give the line and a floor; 155
+    # used more, so the room it had is not proven any more
     assert [b for b, _ in after] == [100, 150, 156]
     # the search below goes straight to the boundary the kept line gives, not to batch 1
-    result = search(
-        lambda b: fit(10 * b) if 10 * b <= 1535 else Observation(Outcome.OOM, need_bytes=10 * b),
-        strategy="predict",
-        limit_bytes=1600,
-        cap=154,
-        seen=after,
-    )
+    result = search(device(1535), strategy="predict", limit_bytes=1600, cap=154, seen=after)
     assert result.best == 153 and len(result.probes) <= 3, result.probes
     assert all(b > 100 for b, _ in result.probes), result.probes
-    # a failure that does not say what it needed keeps nothing from before
+    # a large fall: 156 failed with 880 bytes live; no fit before is proven any more, though
+    # each used less than 156 asked for
+    large = [*before, (156, Observation(Outcome.OOM, live_bytes=880, need_bytes=1540))]
+    assert [b for b, _ in _since_the_fall(large, 4)] == [156]
+    result = search(device(895), strategy="predict", limit_bytes=1600, cap=154, seen=(large[-1],))
+    assert result.best == 89 and result.exact
+    # a failure that does not say what was live proves nothing: nothing from before is kept
     blind = (156, Observation(Outcome.OOM))
-    assert _since_the_fall([*seen[:4], blind], 4) == (blind,)
+    assert _since_the_fall([*before, blind], 4) == (blind,)

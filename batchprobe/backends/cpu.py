@@ -21,11 +21,13 @@ import torch
 
 from batchprobe.backends.base import Math, MemoryFigures
 from batchprobe.backends.hostmem import (
+    PROBING,
+    TIMING,
     HostLimit,
     binding,
     host_limits,
-    pin_mmap_threshold,
     ram_available,
+    set_mmap_threshold,
 )
 from batchprobe.memory import ModuleScope, StorageLedger, TrackingMode
 from batchprobe.results import Allowance, DeviceInfo
@@ -99,10 +101,8 @@ class CpuBackend:
         self.budget_bytes: int | None = self.default_budget()
         self.budget_is_default = True
         self._budget: MemorySize | None = None
-        self._held_bytes: int | None = None  # what the last region found held (parameters)
-        if self.limit.catchable:
-            # what a probe frees goes back to the kernel: the next finds the room it left
-            pin_mmap_threshold()
+        self._held_bytes: int | None = None  # what the last region found held (parameters,
+        # buffers: the persistent tensors)
 
     def default_budget(self) -> int:
         """All the headroom under an rlimit (its failures are caught), else half of it."""
@@ -173,11 +173,16 @@ class CpuBackend:
         ledger.scope = scope if isinstance(scope, ModuleScope) else None
         ledger.mark(persistent, "parameters")
         self._held_bytes = ledger.live_bytes
-        meter = CpuMeter(ledger, host_limited=bool(self.limit and self.limit.catchable))
+        host_limited = bool(self.limit and self.limit.catchable)
+        meter = CpuMeter(ledger, host_limited=host_limited)
+        if host_limited:  # what the probe frees goes back to the kernel: the next finds its room
+            set_mmap_threshold(PROBING)
         try:
             with scope, TrackingMode(ledger):
                 yield meter
         finally:
+            if host_limited:  # timed steps run as glibc would run them
+                set_mmap_threshold(TIMING)
             meter.figures.peak_bytes = ledger.peak_bytes
             meter.figures.phase_peaks = dict(ledger.phase_peaks)
             meter.figures.op_bytes = dict(ledger.by_op or {})
@@ -219,11 +224,13 @@ class CpuBackend:
         steps map threads, kernels and allocator arenas: address space no tensor can have) plus
         what it holds for its life (the parameters), which the ledger counts. Elsewhere (the
         RAM, a cgroup) capacity stays what was free at start: a warm-up changes nothing there."""
-        if self.limit is None or not self.limit.catchable or self._held_bytes is None:
+        # every limit again: what the warm-up mapped may have made an rlimit the binding one
+        now = binding(host_limits())
+        if now is None or not now.catchable or self._held_bytes is None:
             return
-        self.limit = self.limit.now()
-        self.capacity_bytes = min(self.capacity_bytes, self.limit.headroom_bytes + self._held_bytes)
-        self.set_budget(None if self.budget_is_default else self._budget)
+        self.limit = now
+        self.capacity_bytes = min(self.capacity_bytes, now.headroom_bytes + self._held_bytes)
+        self.set_budget(self._budget)
 
     def estimate_target(self, estimate: EstimateSpec) -> tuple[str, int, Allowance]:
         """The CPU's own budget, with no allowance: the estimate is what find-max will measure."""

@@ -20,7 +20,6 @@ stripped from the cgroup path). Every reader takes a root directory, so tests gi
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import os
 import resource
 from collections.abc import Iterator
@@ -40,17 +39,10 @@ class HostLimit:
     #: going over it fails the allocation (an error the probe catches) rather than waking the
     #: OOM killer
     catchable: bool = False
-    #: the /proc/self/status field that counts against it (an rlimit's), to read it again
-    status_key: str | None = None
 
     @property
     def headroom_bytes(self) -> int:
         return max(0, self.limit_bytes - self.used_bytes)
-
-    def now(self, proc: str = "/proc") -> HostLimit:
-        """The same limit with what counts against it read again (itself when it cannot be)."""
-        used = _status(proc, self.status_key) if self.status_key else None
-        return self if used is None else dataclasses.replace(self, used_bytes=used)
 
 
 def _read(path: str) -> str | None:
@@ -176,7 +168,7 @@ def host_limits(proc: str = "/proc", sys_root: str = "") -> list[HostLimit]:
         soft, _ = resource.getrlimit(getattr(resource, name))
         used = _status(proc, key)
         if soft != resource.RLIM_INFINITY and soft >= 0 and used is not None:
-            limits.append(HostLimit(label, soft, used, catchable=True, status_key=key))
+            limits.append(HostLimit(label, soft, used, catchable=True))
     meminfo = _meminfo(proc)
     if "MemAvailable" in meminfo:
         total = meminfo.get("MemTotal", meminfo["MemAvailable"])
@@ -201,25 +193,32 @@ def ram_available(proc: str = "/proc") -> int | None:
     return _meminfo(proc).get("MemAvailable")
 
 
-#: glibc's mallopt parameter for the size from which an allocation gets its own mapping
+#: glibc's mallopt parameters: the size from which an allocation gets its own mapping, and the
+#: free space at the top of the heap past which it is given back
 _M_MMAP_THRESHOLD = -3
-#: glibc's initial threshold, kept fixed
-MMAP_THRESHOLD = 128 * 1024
+_M_TRIM_THRESHOLD = -1
+#: while memory is measured: glibc's initial threshold, kept fixed
+PROBING = 128 * 1024
+#: while steps are timed: where glibc's own threshold ends up after large frees (its ceiling)
+TIMING = 32 * 1024 * 1024
 
 
-def pin_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
+def set_mmap_threshold(nbytes: int) -> bool:
     """Serve every allocation of `nbytes` or more from its own mapping, returned to the kernel
-    when it is freed (glibc's `mallopt(M_MMAP_THRESHOLD)`). Left alone, glibc raises the threshold
-    after each large free (up to 32 MiB) and serves later allocations from heaps that keep their
-    address space: under an rlimit on the address space each probe would leave less room for the
-    next (seen: 125 MiB less after one fit), and one size would fit or fail by what ran before it.
-    False where the C library has no such setting (not glibc)."""
+    when it is freed (glibc's `mallopt(M_MMAP_THRESHOLD)`; the heap is trimmed past twice that).
+    Left alone, glibc raises the threshold after each large free (up to 32 MiB) and serves later
+    allocations from heaps that keep their address space: under an rlimit on the address space
+    each probe left less room for the next (seen: 125 MiB less after one fit), and a size fit or
+    failed by what ran before it. Probes run at `PROBING`; timed steps at `TIMING`, where glibc
+    settles by itself — at `PROBING` every block of 128 KiB or more is mapped and faulted in
+    again on each step (a 2-layer GPT's step took 40% longer, a small CNN's 75%). False where
+    the C library has no such setting (not glibc)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, nbytes))
+    return bool(mallopt(_M_MMAP_THRESHOLD, nbytes)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 * nbytes))
 
 
 def binding(limits: list[HostLimit]) -> HostLimit | None:
