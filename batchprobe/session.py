@@ -371,7 +371,8 @@ class _RoomWatch:
         done.observations += again.observations
         if again.observations and again.observations[0][1].outcome is Outcome.FIT:
             return [*notes, f"micro-batch {size} still fits after the fall"]
-        # the warm-up is a fit measured before the search: still true if its peak is
+        # the warm-up is a fit measured before the search: kept too, if what failed since
+        # proves its peak still fits
         after = _since_the_fall([*ctx.seen, *done.observations], fell_at + len(ctx.seen))
         below = dataclasses.replace(ctx, cap=size - 1, start=min(ctx.start, size - 1), seen=after)
         name = "estimate" if below.prior is not None else "predict"
