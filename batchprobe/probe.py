@@ -91,8 +91,10 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
-def classify(exc: BaseException) -> Failure:
-    """fit/oom/limit/error for an exception raised by a probe: by type first, then by message."""
+def classify(exc: BaseException, host_limited: bool = False) -> Failure:
+    """fit/oom/limit/error for an exception raised by a probe: by type first, then by message.
+    `host_limited`: the process runs under a limit that fails its allocations (an rlimit), so
+    a library's own failed allocation is that limit's OOM too (`HOST_OOM_RE`)."""
     chain = list(_chain(exc))
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     message = first_line[:500]
@@ -120,6 +122,8 @@ def classify(exc: BaseException) -> Failure:
         for pattern in LIMIT_PATTERNS:
             if pattern in text:
                 return Failure(Outcome.LIMIT, "limit", name, message)
+        if host_limited and HOST_OOM_RE.search(text):
+            return Failure(Outcome.OOM, "host", name, message)
     return Failure(Outcome.ERROR, "error", name, message, _format(exc))
 
 
@@ -153,14 +157,6 @@ def failed_allocation(text: str, meter: Meter | None) -> tuple[int | None, int |
     if allocated is None or request is None:
         return allocated, None, None
     return allocated, allocated + request, None
-
-
-def host_failure(failure: Failure, text: str) -> Failure:
-    """Under a host limit that fails allocations, a library's own failed allocation (text:
-    the failure's messages) is that limit's OOM."""
-    if failure.outcome is Outcome.ERROR and HOST_OOM_RE.search(text.lower()):
-        return Failure(Outcome.OOM, "host", failure.error_type, failure.message)
-    return failure
 
 
 def _format(exc: BaseException) -> str:
@@ -214,10 +210,8 @@ def run_probe(
                 _run_steps(step, batch_size, steps, dry_run)
                 backend.synchronize()
         except Exception as exc:
-            failure = classify(exc)
+            failure = classify(exc, host_limited=meter is not None and meter.host_limited)
             text = " ".join(str(e) for e in _chain(exc))
-            if meter is not None and meter.host_limited:
-                failure = host_failure(failure, text)
         finally:
             # Recovery runs here, outside the except block: `exc` and its frames are gone.
             step.observer = None

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import subprocess
@@ -9,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from batchprobe.probe import classify, host_failure, run_probe
+from batchprobe.probe import classify, run_probe
 from batchprobe.search import Observation, Outcome, search
 from batchprobe.units import MemorySize
 
@@ -76,16 +77,22 @@ def test_a_library_that_cannot_allocate_under_an_rlimit_is_out_of_memory() -> No
     # scratch would not fit; under a limit that fails allocations that is the limit's OOM,
     # and the search goes on (an error would end it short of the boundary)
     for text in ("could not create a primitive", "std::bad_alloc"):
-        failure = classify(RuntimeError(text))
-        assert failure.outcome is Outcome.ERROR  # without such a limit it says nothing
-        host = host_failure(failure, text)
-        assert (host.outcome, host.kind) == (Outcome.OOM, "host")
-    other = classify(ValueError("mat1 and mat2 shapes cannot be multiplied"))
-    assert host_failure(other, other.message) is other
+        assert classify(RuntimeError(text)).outcome is Outcome.ERROR  # no such limit
+        failure = classify(RuntimeError(text), host_limited=True)
+        assert (failure.outcome, failure.kind) == (Outcome.OOM, "host")
     # a configuration oneDNN does not support is an error whatever the memory
     text = "could not create a primitive descriptor for a matmul primitive"
-    unsupported = classify(RuntimeError(text))
-    assert host_failure(unsupported, text) is unsupported
+    assert classify(RuntimeError(text), host_limited=True).outcome is Outcome.ERROR
+    # through a probe: the CPU backend says when an rlimit binds
+    s = session(
+        "user_models:no_primitive", inputs={"kind": "tensor", "shape": [16], "num_classes": 4}
+    )
+    assert run_probe(s.step, s.backend, 8).outcome is Outcome.ERROR
+    assert s.backend.limit is not None
+    s.backend.limit = dataclasses.replace(s.backend.limit, catchable=True)
+    failed = run_probe(s.step, s.backend, 8)
+    assert failed.outcome is Outcome.OOM and failed.failure and failed.failure.kind == "host"
+    assert run_probe(s.step, s.backend, 4).outcome is Outcome.FIT
 
 
 def test_other_errors_keep_their_traceback() -> None:
