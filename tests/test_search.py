@@ -177,6 +177,35 @@ def test_learning_is_never_worse_than_doubling() -> None:
     assert all(max(counts[(e, 1.0)]) <= 4 for e in (0.25, 0.5, 2.0, 8.0))
 
 
+class BlindDevice(Device):
+    """A device whose failures say nothing of their bytes: the host's allocator under an
+    rlimit ("can't allocate memory"), a library's own failed allocation."""
+
+    def __call__(self, b: int) -> Observation:
+        seen = super().__call__(b)
+        return seen if seen.outcome is Outcome.FIT else Observation(Outcome.OOM)
+
+
+def test_failures_that_say_nothing_cost_at_most_three_probes_more_than_doubling() -> None:
+    """Without its bytes a failure says only that the size failed: after a miss the search
+    halves the sizes the limit may still allow. Over the same cases as above, it takes more
+    probes than doubling in a few (a limit 1.5-3x lower than told, a boundary near 13), by at
+    most three, and far fewer in total; a right prior still takes two. (A step of one size down
+    after such a failure, tried to catch near misses, made the worst case four: not kept.)"""
+    excess, ours_total, plain_total = [], 0, 0
+    for fixed, per_sample, boundary, error, limit_error in CASES:
+        device = BlindDevice(fixed, per_sample, int(fixed + per_sample * (boundary + 0.5)))
+        told = int(device.limit * limit_error)
+        ours = _run(device, "estimate", told, Prior(Line(fixed, per_sample * error)))
+        plain = _run(device, "doubling", told)
+        if error == 1.0 and limit_error == 1.0:
+            assert ours == [boundary, boundary + 1], ours
+        excess.append(len(ours) - len(plain) - (0 if boundary >= 8 else 3))
+        ours_total, plain_total = ours_total + len(ours), plain_total + len(plain)
+    assert max(excess) <= 3
+    assert ours_total < 0.7 * plain_total
+
+
 def test_a_failed_allocation_teaches_the_limit() -> None:
     # told 3x the real limit (another process, a cgroup): failures say where it really is
     device = Device(100e6, 1e6, int(100e6 + 1e6 * 200.5))
