@@ -189,9 +189,10 @@ class BlindDevice(Device):
 def test_failures_that_say_nothing_cost_at_most_three_probes_more_than_doubling() -> None:
     """Without its bytes a failure says only that the size failed: after a miss the search
     halves the sizes the limit may still allow. Over the same cases as above, it takes more
-    probes than doubling in a few (a limit 1.5-3x lower than told, a boundary near 13), by at
-    most three, and far fewer in total; a right prior still takes two. (A step of one size down
-    after such a failure, tried to catch near misses, made the worst case four: not kept.)"""
+    probes than doubling in a few (a limit 1.5-3x lower than told, mostly maxima of 13 and
+    63), by at most three, and far fewer in total; a right prior still takes two. (A step of
+    one size down after such a failure, tried to catch near misses, made the worst case four:
+    not kept.)"""
     excess, ours_total, plain_total = [], 0, 0
     for fixed, per_sample, boundary, error, limit_error in CASES:
         device = BlindDevice(fixed, per_sample, int(fixed + per_sample * (boundary + 0.5)))
