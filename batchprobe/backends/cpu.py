@@ -106,8 +106,7 @@ class CpuBackend:
 
     def default_budget(self) -> int:
         """All the headroom under an rlimit (its failures are caught), else half of it."""
-        assert self.limit is not None
-        if self.limit.catchable:
+        if self.host_limited:
             return self.capacity_bytes
         return int(DEFAULT_BUDGET_FRACTION * self.capacity_bytes)
 
@@ -173,7 +172,7 @@ class CpuBackend:
         ledger.scope = scope if isinstance(scope, ModuleScope) else None
         ledger.mark(persistent, "parameters")
         self._held_bytes = ledger.live_bytes
-        host_limited = bool(self.limit and self.limit.catchable)
+        host_limited = self.host_limited
         meter = CpuMeter(ledger, host_limited=host_limited)
         if host_limited:  # what the probe frees goes back to the kernel: the next finds its room
             set_mmap_threshold(PROBING)
@@ -188,6 +187,11 @@ class CpuBackend:
             meter.figures.op_bytes = dict(ledger.by_op or {})
             if ledger.scope is not None:
                 meter.figures.explained = ledger.explain
+
+    @property
+    def host_limited(self) -> bool:
+        """The binding limit fails allocations (an rlimit): probes meet it as an exception."""
+        return bool(self.limit and self.limit.catchable)
 
     def synchronize(self) -> None:
         return None
