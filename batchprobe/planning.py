@@ -38,6 +38,8 @@ class Measurement:
     spread: float = 0.0
     flops: float | None = None  # model FLOPs of one forward+backward at this micro-batch
     fwd_bwd_nosync_s: float | None = None  # without the gradient all-reduce (distributed)
+    #: share of the timed steps' CPU wants spent waiting for a CPU (busy machine); None: unknown
+    cpu_wait: float | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class Row:
     target_global_batch: int
     #: why the recommendation may not pick this row (None: it may); set by `apply_rules`
     excluded_because: str | None = None
+    cpu_wait: float | None = None  # see Measurement.cpu_wait
 
     @property
     def eligible(self) -> bool:
@@ -120,6 +123,7 @@ class Row:
             "divides_exactly": self.divides_exactly,
             "timing_spread": _round(self.spread, 4),
             "timing_stable": self.timing_stable,
+            "cpu_wait": _round(self.cpu_wait, 4),
             "eligible": self.eligible,
             "excluded_because": self.excluded_because,
         }
@@ -271,6 +275,7 @@ def make_row(m: Measurement, s: PlanSettings) -> Row:
         divides_exactly=global_batch == s.target_global_batch,
         spread=m.spread,
         target_global_batch=s.target_global_batch,
+        cpu_wait=m.cpu_wait,
     )
 
 

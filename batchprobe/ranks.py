@@ -281,12 +281,13 @@ class Dist:
 
     def agree_timing(self, t: StepTiming) -> StepTiming:
         """The slowest rank sets the pace: the max over ranks of every figure."""
+        wait = -1.0 if t.cpu_wait is None else t.cpu_wait
         values = torch.tensor(
-            [t.fwd_bwd_s, t.optimizer_s, t.step_s, t.spread, t.fwd_bwd_nosync_s or 0.0],
+            [t.fwd_bwd_s, t.optimizer_s, t.step_s, t.spread, t.fwd_bwd_nosync_s or 0.0, wait],
             dtype=torch.float64,
         )
         dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.control)
-        fb, opt, step, spread, nosync = values.tolist()
+        fb, opt, step, spread, nosync, wait = values.tolist()
         return replace(
             t,
             fwd_bwd_s=fb,
@@ -294,6 +295,7 @@ class Dist:
             step_s=step,
             spread=spread,
             fwd_bwd_nosync_s=nosync if t.fwd_bwd_nosync_s is not None else None,
+            cpu_wait=wait if wait >= 0 else None,
         )
 
     # -- probing --------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from batchprobe.planning import UNSTABLE_SPREAD, Plan
+from batchprobe.schedstat import BUSY_WAIT
 from batchprobe.search import Observation, Outcome, SearchResult
 from batchprobe.units import format_bytes
 
@@ -288,10 +289,18 @@ class StepTiming:
     #: forward+backward without gradient synchronization (distributed: accumulation steps but
     #: the last skip the all-reduce); None on one device, where the two are the same
     fwd_bwd_nosync_s: float | None = None
+    #: of the time this process's threads wanted a CPU during the timed steps, the share they
+    #: waited for one (Linux; None elsewhere): above BUSY_WAIT other processes held the CPUs
+    cpu_wait: float | None = None
 
     @property
     def unstable(self) -> bool:
         return self.spread > UNSTABLE_SPREAD
+
+    @property
+    def busy(self) -> bool:
+        """Timed while other processes held the CPUs this one wanted."""
+        return self.cpu_wait is not None and self.cpu_wait > BUSY_WAIT
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -303,6 +312,7 @@ class StepTiming:
             "warmup_steps": self.warmup_steps,
             "timed_steps": self.timed_steps,
             "fwd_bwd_nosync_time_s": self.fwd_bwd_nosync_s,
+            "cpu_wait": None if self.cpu_wait is None else round(self.cpu_wait, 4),
         }
 
 
@@ -773,13 +783,18 @@ class CheckOutcome:
     #: throughput checks: the timing's relative spread; a drop is a failure only beyond
     #: tolerance + noise (see flows.check.speed_verdict)
     noise: float | None = None
+    #: throughput checks: the share of the time the process's threads waited for a CPU while
+    #: timed (StepTiming.cpu_wait)
+    cpu_wait: float | None = None
 
     @property
     def confidence(self) -> str | None:
-        """ "firm" when the timing was steady, "noisy" when the machine was busy."""
+        """ "firm" when the timing was steady on a machine with CPUs to spare, "noisy" when the
+        steps varied or other processes held the CPUs."""
         if self.noise is None:
             return None
-        return "firm" if self.noise <= UNSTABLE_SPREAD else "noisy"
+        busy = self.cpu_wait is not None and self.cpu_wait > BUSY_WAIT
+        return "firm" if self.noise <= UNSTABLE_SPREAD and not busy else "noisy"
 
     @property
     def threshold(self) -> float:
@@ -804,6 +819,7 @@ class CheckOutcome:
             "detail": self.detail,
             "noise": None if self.noise is None else round(self.noise, 4),
             "confidence": self.confidence,
+            "cpu_wait": None if self.cpu_wait is None else round(self.cpu_wait, 4),
         }
 
 

@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeVar
 from batchprobe.backends.base import Backend
 from batchprobe.probe import classify
 from batchprobe.results import Failure, StepTiming
+from batchprobe.schedstat import CpuWait
 from batchprobe.search import Outcome
 from batchprobe.sources import Batch
 from batchprobe.step import TrainStep
@@ -91,6 +92,7 @@ class _Sizes:
         self.marks: dict[int, list[tuple[Any, Any, Any]]] = {b: [] for b in sizes}
         self.failed: dict[int, Failure] = {}
         self.nosync: dict[int, float] = {}
+        self.waits: dict[int, CpuWait] = {b: CpuWait() for b in sizes}
 
     def alive(self) -> list[int]:
         return [b for b in self.order if b in self.batches and b not in self.failed]
@@ -168,7 +170,9 @@ def time_sizes(
         (go_on,) = together(count > 0)
         done = 0
         while go_on:
+            state.waits[b].start()
             marked = guarded(lambda: full(state.batches[b]))
+            state.waits[b].stop()
             if marked is not None:
                 state.marks[b].append(marked)
                 done += 1
@@ -306,6 +310,7 @@ def _summary(backend: Backend, b: int, state: _Sizes) -> StepTiming:
         warmup_steps=state.warmup.get(b, 0),
         timed_steps=len(marks),
         fwd_bwd_nosync_s=state.nosync.get(b),
+        cpu_wait=state.waits[b].share,
     )
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from batchprobe.probe import run_probe
@@ -42,3 +47,24 @@ def budget_for(s: Session, boundary: int) -> int:
     lo, hi = peak_at(s, boundary), peak_at(s, boundary + 1)
     assert hi > lo, "peak must grow with batch size here"
     return (lo + hi) // 2
+
+
+@contextlib.contextmanager
+def crowded_cpu(hogs: int = 2) -> Iterator[Callable[[], None]]:
+    """One CPU of this machine held by `hogs` busy processes; yields what a child process calls
+    (as `preexec_fn`) to run on that CPU too. The hogs are stopped on leaving."""
+    cpu = min(os.sched_getaffinity(0))
+
+    def pin() -> None:
+        os.sched_setaffinity(0, {cpu})
+
+    procs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=pin)
+        for _ in range(hogs)
+    ]
+    try:
+        yield pin
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

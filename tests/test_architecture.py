@@ -17,7 +17,7 @@ PACKAGE = ROOT / "batchprobe"
 
 # Layers, bottom first: a module may import its own layer and those below, never above.
 LAYERS: list[list[str]] = [
-    ["errors", "units", "launcher", "gpus", "backends.hostmem"],
+    ["errors", "units", "launcher", "gpus", "backends.hostmem", "schedstat"],
     ["search", "planning"],
     ["backends"],  # the registry alone (no torch)
     ["spec"],

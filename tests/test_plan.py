@@ -266,3 +266,31 @@ def test_the_table_fits_80_columns_by_leaving_columns_out_never_cutting_a_value(
 def test_lr_column_uses_one_notation() -> None:
     assert lr_column([0.0013, 0.0107, None]) == ["1.3e-3", "1.1e-2", "-"]
     assert lr_column([0.2, 0.0125]) == ["0.2", "0.0125"]
+
+
+@pytest.mark.slow
+def test_a_plan_timed_on_a_crowded_cpu_warns(tmp_path: Path) -> None:
+    """On one CPU that two busy processes also want, the plan still completes, and it says its
+    step times are the busy machine's, with each row's `cpu_wait`."""
+    import subprocess
+    import sys
+
+    from helpers import crowded_cpu
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(
+        "model: {source: zoo:mlp, kwargs: {hidden: 64}}\n"
+        "probe: {device: cpu, memory_budget: 64MiB}\n"
+        "plan: {candidates: [8, 16], min_time_s: 0.05}\n"
+    )
+    with crowded_cpu(hogs=2) as pin:
+        out = subprocess.run(
+            [sys.executable, "-m", "batchprobe", "plan", "--config", str(spec), "--json"],
+            capture_output=True, text=True, preexec_fn=pin, timeout=600,
+        )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    (warning,) = [w for w in data["warnings"] if "other processes held the CPUs" in w]
+    assert "quiet" in warning
+    waits = [r["cpu_wait"] for r in data["rows"]]
+    assert waits and all(w > 0.2 for w in waits)

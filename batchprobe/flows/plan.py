@@ -162,6 +162,16 @@ def _time(session: Session, run: PlanRun, sizes: list[int], progress: Progress) 
         _keep_timings(run, measured, interrupted=True)
         raise
     _keep_timings(run, measured)
+    waits = [t.cpu_wait for t in run.timings.values() if t.busy and t.cpu_wait is not None]
+    if waits and not any(w.startswith(_BUSY) for w in run.warnings):
+        run.warnings.append(
+            f"{_BUSY} (this process's threads waited for a CPU up to {max(waits):.0%} of the "
+            "time): the step times are this busy machine's, not the code's; time again on a "
+            "quiet one"
+        )
+
+
+_BUSY = "timed while other processes held the CPUs"
 
 
 def _keep_timings(
@@ -277,6 +287,7 @@ def _measurements(run: PlanRun) -> list[Measurement]:
                 spread=t.spread,
                 flops=flops,
                 fwd_bwd_nosync_s=t.fwd_bwd_nosync_s,
+                cpu_wait=t.cpu_wait,
             )
         )
     return out

@@ -132,7 +132,7 @@ PLAN_COLUMNS = (
     "fwd_bwd_time_s", "optimizer_time_s", "fwd_bwd_nosync_time_s", "step_time_s", "update_time_s",
     "samples_per_s",
     "tokens_per_s", "mfu", "lr", "warmup", "warmup_steps", "optimizer_steps", "projected_seconds",
-    "within_headroom", "divides_exactly", "timing_spread", "timing_stable", "eligible",
+    "within_headroom", "divides_exactly", "timing_spread", "timing_stable", "cpu_wait", "eligible",
     "excluded_because",
 )  # fmt: skip
 

@@ -1,0 +1,72 @@
+"""How long this process's threads waited for a CPU: the sign of a busy machine.
+
+Linux keeps, per thread, the time it ran and the time it was runnable but waited on a run queue
+(`/proc/self/task/<tid>/schedstat`, fields 1 and 2, in nanoseconds). Over a window, the waited
+share `wait / (run + wait)` is near 0 on a machine with a CPU free for every thread and rises as
+other processes take the CPUs: with as many busy processes as cores, each of torch's threads
+waits about half the time. A step's wall-clock time on such a machine says little about the
+code: its intra-op threads can fall into lock-step behind the other processes (each parallel op
+then costs a scheduler time slice; seen: a step 180x slower, steady to 1%). A timing taken there
+is flagged instead of being trusted. Elsewhere (no /proc) every figure is None.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+_TASKS = "/proc/self/task"
+
+#: a waited share above this: the machine was busy while timed (idle: ~0; as many busy processes
+#: as cores: ~0.5 for each of torch's threads)
+BUSY_WAIT = 0.2
+
+Snapshot = dict[str, tuple[int, int]]  # thread id -> (ns run, ns waited)
+
+
+def snapshot() -> Snapshot | None:
+    """Run and wait times of every thread of this process now; None where Linux does not say."""
+    try:
+        tids = os.listdir(_TASKS)
+    except OSError:
+        return None
+    out: Snapshot = {}
+    for tid in tids:
+        try:
+            with open(f"{_TASKS}/{tid}/schedstat") as f:
+                run, wait, *_ = f.read().split()
+            out[tid] = (int(run), int(wait))
+        except (OSError, ValueError):
+            continue  # the thread ended meanwhile, or an unexpected format
+    return out or None
+
+
+@dataclass
+class CpuWait:
+    """Run and wait time accumulated over windows (`start`, then `stop`)."""
+
+    run_ns: int = 0
+    wait_ns: int = 0
+    _open: Snapshot | None = None
+    measured: bool = False
+
+    def start(self) -> None:
+        self._open = snapshot()
+
+    def stop(self) -> None:
+        before, self._open = self._open, None
+        after = snapshot()
+        if before is None or after is None:
+            return
+        for tid, (run, wait) in after.items():
+            run0, wait0 = before.get(tid, (0, 0))  # a thread started in the window: all of it
+            self.run_ns += max(0, run - run0)
+            self.wait_ns += max(0, wait - wait0)
+        self.measured = True
+
+    @property
+    def share(self) -> float | None:
+        """Of the time the threads wanted a CPU, the share they waited for one; None when not
+        measured (or when they never ran)."""
+        total = self.run_ns + self.wait_ns
+        return self.wait_ns / total if self.measured and total > 0 else None
