@@ -21,6 +21,7 @@ import torch
 
 from batchprobe.backends.base import MemoryFigures
 from batchprobe.results import Failure, FailureKind, ProbeResult
+from batchprobe.schedstat import settle_threads
 from batchprobe.search import Observation, Outcome, StrategyGen
 from batchprobe.step import TrainStep
 
@@ -278,11 +279,15 @@ def _quietly(call: Callable[[], object]) -> Failure | None:
 
 
 def _retained(backend: Backend, meter: Meter) -> tuple[int, Failure | None]:
-    """Bytes the probe left allocated after recovery (a second full cleanup first, if any)."""
+    """Bytes the probe left allocated after recovery (a second full cleanup first, if any;
+    then, if some are still held, once the process's other threads are at rest: a collective's
+    worker thread lets go of its buffers only after the step was told it is done)."""
     try:
         retained = meter.retained_bytes()
         if retained:
             clean(backend)
+            retained = meter.retained_bytes()
+        if retained and settle_threads():
             retained = meter.retained_bytes()
     except Exception as exc:
         return 0, classify(exc)

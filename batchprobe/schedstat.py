@@ -13,6 +13,8 @@ is flagged instead of being trusted. Elsewhere (no /proc) every figure is None.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass
 
 _TASKS = "/proc/self/task"
@@ -70,3 +72,46 @@ class CpuWait:
         measured (or when they never ran)."""
         total = self.run_ns + self.wait_ns
         return self.wait_ns / total if self.measured and total > 0 else None
+
+
+def _activity() -> dict[str, tuple[str, str]] | None:
+    """Per other thread of this process: its state letter and its schedstat line."""
+    me = str(threading.get_native_id())
+    try:
+        tids = os.listdir(_TASKS)
+    except OSError:
+        return None
+    out = {}
+    for tid in tids:
+        if tid == me:
+            continue
+        try:
+            with open(f"{_TASKS}/{tid}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+            with open(f"{_TASKS}/{tid}/schedstat") as f:
+                out[tid] = (state, f.read())
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+    return out
+
+
+def settle_threads(timeout_s: float = 2.0, interval_s: float = 0.002) -> bool:
+    """Wait until every other thread of this process is asleep and stays so for `interval_s`:
+    none runnable (state R: running, or waiting on a run queue), none that ran meanwhile (a
+    thread waiting for the GIL sleeps, and runs once this one sleeps). A collective's worker
+    thread drops its last reference to a tensor only after the waiter has been told the
+    collective is done; on a busy machine it may wait a while for a CPU to do so. True when
+    settled, False after `timeout_s` (a thread that never rests) or where Linux does not say."""
+    deadline = time.monotonic() + timeout_s
+    before = _activity()
+    while before is not None:
+        time.sleep(interval_s)
+        now = _activity()
+        if now is None:
+            return False
+        if now == before and all(state != "R" for state, _ in now.values()):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        before = now
+    return False

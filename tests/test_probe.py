@@ -290,3 +290,12 @@ def test_a_wrong_trace_is_said_and_costs_no_more_than_doubling() -> None:
     assert plain.best == best
     ran = [p for p in result.probes if not p.reused]
     assert len(ran) <= plain.num_probes - 1, [p.batch_size for p in ran]  # batch 1: warm-up
+
+
+def test_what_a_worker_thread_still_holds_is_not_left_behind() -> None:
+    """A buffer a busy worker thread lets go of only after the step ended (as a collective's
+    worker does): the probe waits for the process's threads to rest before counting what
+    stayed, instead of calling it a leak."""
+    s = session("user_models:hands_off", inputs={"kind": "tensor", "shape": [16], "num_classes": 4})
+    result = run_probe(s.step, s.backend, 8)
+    assert result.outcome is Outcome.FIT and result.retained_bytes == 0
