@@ -241,6 +241,8 @@ def _baseline_vsize(lightning: bool) -> int:
 
 def _child(template: str, kwargs: dict, limit: int, strategy: str = "auto") -> dict:
     env = {**os.environ, "MALLOC_ARENA_MAX": "2", "PYTHONWARNINGS": "ignore"}
+    if template is OURS:  # as the CLI sets it before torch loads, under an address-space limit
+        env["MKL_DISABLE_FAST_MM"] = "1"
     script = template.format(root=str(ROOT), kwargs=kwargs, limit=limit, strategy=strategy)
     with tempfile.TemporaryDirectory() as cwd:  # Lightning writes a checkpoint to the cwd
         done = subprocess.run(

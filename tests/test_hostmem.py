@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import textwrap
@@ -188,3 +189,66 @@ def test_probes_under_an_address_space_limit_leave_the_room_they_found() -> None
     assert first <= 32 * MiB and all(grown <= 4 * MiB for _, grown in again), got["fits"]
     outcome, kind, _, _ = got["over"]
     assert (outcome, kind) == ("oom", "host")
+
+
+NEW_SHAPES = textwrap.dedent(
+    """
+    import json, resource, sys
+    from batchprobe.backends import hostmem
+
+    resource.setrlimit(resource.RLIMIT_AS, (2**45, resource.RLIM_INFINITY))  # finite, not binding
+    turned_off = hostmem.before_torch() if sys.argv[1] == "before" else False
+    import torch
+    torch.set_num_threads(2)
+    hostmem.set_mmap_threshold(hostmem.PROBING)  # as while a probe runs
+    w = torch.randn(1024, 1024, requires_grad=True)
+    (torch.randn(100, 1024) @ w).sum().backward()  # the threads and kernels of a first step
+    w.grad = None
+    grown = []
+    for rows in (4000, 8000, 12000):  # a new shape each time, as a search probes new sizes
+        before = hostmem._status("/proc", "VmSize")
+        x = torch.randn(rows, 1024)
+        (x @ w).sum().backward()
+        del x
+        w.grad = None
+        grown.append(hostmem._status("/proc", "VmSize") - before)
+    print(json.dumps({"turned_off": turned_off, "cache": hostmem.mkl_buffer_cache(),
+                      "grown": grown}))
+    """
+)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_under_an_address_space_limit_new_shapes_leave_nothing_mapped() -> None:
+    """MKL keeps the scratch buffers of every shape it multiplied (~12 MiB a new batch size, on
+    this build): under an rlimit each probe left the next less room. The CLI turns that cache
+    off before torch loads, when such a limit holds."""
+    env = {k: v for k, v in os.environ.items() if k != "MKL_DISABLE_FAST_MM"}
+    out = subprocess.run(
+        [sys.executable, "-c", NEW_SHAPES, "before"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["turned_off"] and got["cache"].startswith("off")
+    assert all(grown <= 2 * MiB for grown in got["grown"]), got["grown"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_the_cli_turns_the_cache_off_only_under_an_address_space_limit() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MKL_DISABLE_FAST_MM"}
+
+    def env_json(limit: int | None) -> dict:
+        def set_limit() -> None:
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+
+        out = subprocess.run(
+            [sys.executable, "-m", "batchprobe", "env", "--json"],
+            capture_output=True, text=True, timeout=120, env=env, preexec_fn=set_limit,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout)
+
+    assert env_json(2**45)["mkl_buffer_cache"].startswith("off")
+    assert env_json(None)["mkl_buffer_cache"] == "on"

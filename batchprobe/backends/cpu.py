@@ -26,6 +26,7 @@ from batchprobe.backends.hostmem import (
     HostLimit,
     binding,
     host_limits,
+    mkl_buffer_cache,
     ram_available,
     set_mmap_threshold,
 )
@@ -134,6 +135,7 @@ class CpuBackend:
             "cpu": cpu_name(),
             "cpu_threads": torch.get_num_threads(),
             "ram_available_bytes": available_ram_bytes(),
+            "mkl_buffer_cache": mkl_buffer_cache(),
         }
 
     # -- the device -------------------------------------------------------------------------
@@ -148,6 +150,7 @@ class CpuBackend:
                 "threads": torch.get_num_threads(),
                 "capacity": self.limit.label if self.limit else "RAM available at start",
                 "memory": "live tensor bytes (storage ledger)",
+                "mkl_buffer_cache": mkl_buffer_cache(),
             },
         )
 

@@ -422,7 +422,9 @@ def _main(
         ),
     ] = False,
 ) -> None:
-    pass
+    from batchprobe.backends.hostmem import before_torch
+
+    before_torch()  # torch is imported by the command, after this
 
 
 def main(argv: list[str] | None = None) -> None:
