@@ -95,7 +95,7 @@ def _activity() -> dict[str, tuple[str, str]] | None:
     return out
 
 
-def settle_threads(timeout_s: float = 2.0, interval_s: float = 0.002) -> bool:
+def settle_threads(timeout_s: float = 1.0, interval_s: float = 0.002) -> bool:
     """Wait until every other thread of this process is asleep and stays so for `interval_s`:
     none runnable (state R: running, or waiting on a run queue), none that ran meanwhile (a
     thread waiting for the GIL sleeps, and runs once this one sleeps). A collective's worker

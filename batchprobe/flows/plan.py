@@ -154,6 +154,9 @@ def _fitting(session: Session, run: PlanRun, sizes: list[int]) -> list[int]:
     return fitting
 
 
+_BUSY = "timed while other processes held the CPUs"  # the start of the plan's warning
+
+
 def _time(session: Session, run: PlanRun, sizes: list[int], progress: Progress) -> None:
     measured: dict[int, StepTiming | Failure] = {}
     try:
@@ -169,9 +172,6 @@ def _time(session: Session, run: PlanRun, sizes: list[int], progress: Progress) 
             "time): the step times are this busy machine's, not the code's; time again on a "
             "quiet one"
         )
-
-
-_BUSY = "timed while other processes held the CPUs"
 
 
 def _keep_timings(
