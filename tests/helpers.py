@@ -53,6 +53,10 @@ def budget_for(s: Session, boundary: int) -> int:
 def crowded_cpu(hogs: int = 2) -> Iterator[Callable[[], None]]:
     """One CPU of this machine held by `hogs` busy processes; yields what a child process calls
     (as `preexec_fn`) to run on that CPU too. The hogs are stopped on leaving."""
+    import pytest
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("needs Linux's CPU affinity")
     cpu = min(os.sched_getaffinity(0))
 
     def pin() -> None:
