@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from batchprobe.planning import UNSTABLE_SPREAD, Plan
-from batchprobe.schedstat import BUSY_WAIT
+from batchprobe.schedstat import busy
 from batchprobe.search import Observation, Outcome, SearchResult
 from batchprobe.units import format_bytes
 
@@ -290,7 +290,7 @@ class StepTiming:
     #: the last skip the all-reduce); None on one device, where the two are the same
     fwd_bwd_nosync_s: float | None = None
     #: of the time this process's threads wanted a CPU during the timed steps, the share they
-    #: waited for one (Linux; None elsewhere): above BUSY_WAIT other processes held the CPUs
+    #: waited for one (Linux; None elsewhere): see schedstat.busy
     cpu_wait: float | None = None
 
     @property
@@ -300,7 +300,7 @@ class StepTiming:
     @property
     def busy(self) -> bool:
         """Timed while other processes held the CPUs this one wanted."""
-        return self.cpu_wait is not None and self.cpu_wait > BUSY_WAIT
+        return busy(self.cpu_wait)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -793,8 +793,7 @@ class CheckOutcome:
         steps varied or other processes held the CPUs."""
         if self.noise is None:
             return None
-        busy = self.cpu_wait is not None and self.cpu_wait > BUSY_WAIT
-        return "firm" if self.noise <= UNSTABLE_SPREAD and not busy else "noisy"
+        return "firm" if self.noise <= UNSTABLE_SPREAD and not busy(self.cpu_wait) else "noisy"
 
     @property
     def threshold(self) -> float:

@@ -26,20 +26,33 @@ BUSY_WAIT = 0.2
 Snapshot = dict[str, tuple[int, int]]  # thread id -> (ns run, ns waited)
 
 
-def snapshot() -> Snapshot | None:
-    """Run and wait times of every thread of this process now; None where Linux does not say."""
+def _read(tid: str, name: str) -> str | None:
     try:
-        tids = os.listdir(_TASKS)
+        with open(f"{_TASKS}/{tid}/{name}") as f:
+            return f.read()
+    except OSError:
+        return None  # the thread ended meanwhile
+
+
+def _tids() -> list[str] | None:
+    try:
+        return os.listdir(_TASKS)
     except OSError:
         return None
+
+
+def busy(cpu_wait: float | None) -> bool:
+    """A waited share that says other processes held the CPUs."""
+    return cpu_wait is not None and cpu_wait > BUSY_WAIT
+
+
+def snapshot() -> Snapshot | None:
+    """Run and wait times of every thread of this process now; None where Linux does not say."""
     out: Snapshot = {}
-    for tid in tids:
-        try:
-            with open(f"{_TASKS}/{tid}/schedstat") as f:
-                run, wait, *_ = f.read().split()
+    for tid in _tids() or ():
+        run, wait, *_ = (_read(tid, "schedstat") or "x x").split()
+        if run.isdigit() and wait.isdigit():
             out[tid] = (int(run), int(wait))
-        except (OSError, ValueError):
-            continue  # the thread ended meanwhile, or an unexpected format
     return out or None
 
 
@@ -77,21 +90,14 @@ class CpuWait:
 def _activity() -> dict[str, tuple[str, str]] | None:
     """Per other thread of this process: its state letter and its schedstat line."""
     me = str(threading.get_native_id())
-    try:
-        tids = os.listdir(_TASKS)
-    except OSError:
+    tids = _tids()
+    if tids is None:
         return None
     out = {}
     for tid in tids:
-        if tid == me:
-            continue
-        try:
-            with open(f"{_TASKS}/{tid}/stat") as f:
-                state = f.read().rpartition(")")[2].split()[0]
-            with open(f"{_TASKS}/{tid}/schedstat") as f:
-                out[tid] = (state, f.read())
-        except (OSError, IndexError):
-            continue  # ended meanwhile
+        stat, sched = _read(tid, "stat"), _read(tid, "schedstat")
+        if tid != me and stat and sched:
+            out[tid] = (stat.rpartition(")")[2].split()[0], sched)
     return out
 
 

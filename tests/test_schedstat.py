@@ -26,17 +26,31 @@ print(w.share)
 
 
 def test_every_thread_of_this_process_is_counted() -> None:
+    """Every thread of the process is read, this one and one started inside the window (a
+    thread unknown at the start counts from nothing), and the window's figures are in range."""
     import threading
 
-    before = snapshot()
-    t = threading.Thread(target=lambda: sum(range(10**6)))
-    t.start()
-    t.join()
-    assert before is not None and len(before) >= 1
+    started, done = threading.Event(), threading.Event()
+    native: list[int] = []
+
+    def work() -> None:
+        native.append(threading.get_native_id())
+        sum(range(10**6))
+        started.set()
+        done.wait()
+
     w = CpuWait()
     w.start()
-    sum(range(10**6))
+    t = threading.Thread(target=work)
+    t.start()
+    started.wait()
+    during = snapshot()
+    done.set()
+    t.join()
     w.stop()
+    assert during is not None and str(native[0]) in during
+    me = snapshot()
+    assert me is not None and str(threading.get_native_id()) in me
     assert w.measured and w.run_ns > 0 and w.share is not None and 0 <= w.share <= 1
 
 

@@ -165,9 +165,8 @@ def host_limits(proc: str = "/proc", sys_root: str = "") -> list[HostLimit]:
         ("RLIMIT_AS", "VmSize", "RLIMIT_AS (ulimit -v) less the address space in use"),
         ("RLIMIT_DATA", "VmData", "RLIMIT_DATA (ulimit -d) less the data in use"),
     ):
-        soft, _ = resource.getrlimit(getattr(resource, name))
-        used = _status(proc, key)
-        if soft != resource.RLIM_INFINITY and soft >= 0 and used is not None:
+        soft, used = _rlimit(name), _status(proc, key)
+        if soft is not None and used is not None:
             limits.append(HostLimit(label, soft, used, catchable=True))
     meminfo = _meminfo(proc)
     if "MemAvailable" in meminfo:
@@ -232,11 +231,13 @@ MKL_CACHE_OFF = "MKL_DISABLE_FAST_MM"
 
 def address_space_limited() -> bool:
     """An rlimit caps this process's address space or data (`ulimit -v`, `prlimit --as`)."""
-    for name in ("RLIMIT_AS", "RLIMIT_DATA"):
-        soft, _ = resource.getrlimit(getattr(resource, name))
-        if soft != resource.RLIM_INFINITY and soft >= 0:
-            return True
-    return False
+    return any(_rlimit(name) is not None for name in ("RLIMIT_AS", "RLIMIT_DATA"))
+
+
+def _rlimit(name: str) -> int | None:
+    """The soft limit `name` (RLIMIT_AS, ...) in bytes; None when there is none."""
+    soft, _ = resource.getrlimit(getattr(resource, name))
+    return soft if soft != resource.RLIM_INFINITY and soft >= 0 else None
 
 
 def before_torch() -> bool:
