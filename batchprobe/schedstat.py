@@ -26,12 +26,15 @@ BUSY_WAIT = 0.2
 Snapshot = dict[str, tuple[int, int]]  # thread id -> (ns run, ns waited)
 
 
-def _read(tid: str, name: str) -> str | None:
+def _fields(tid: str, name: str) -> list[str]:
+    """The whitespace-separated fields of a thread's file (after the command name in `stat`,
+    which may hold spaces); none when the thread ended meanwhile."""
     try:
         with open(f"{_TASKS}/{tid}/{name}") as f:
-            return f.read()
+            text = f.read()
     except OSError:
-        return None  # the thread ended meanwhile
+        return []
+    return (text.rpartition(")")[2] if name == "stat" else text).split()
 
 
 def _tids() -> list[str] | None:
@@ -50,9 +53,9 @@ def snapshot() -> Snapshot | None:
     """Run and wait times of every thread of this process now; None where Linux does not say."""
     out: Snapshot = {}
     for tid in _tids() or ():
-        run, wait, *_ = (_read(tid, "schedstat") or "x x").split()
-        if run.isdigit() and wait.isdigit():
-            out[tid] = (int(run), int(wait))
+        fields = _fields(tid, "schedstat")
+        if len(fields) >= 2 and fields[0].isdigit() and fields[1].isdigit():
+            out[tid] = (int(fields[0]), int(fields[1]))
     return out or None
 
 
@@ -95,9 +98,9 @@ def _activity() -> dict[str, tuple[str, str]] | None:
         return None
     out = {}
     for tid in tids:
-        stat, sched = _read(tid, "stat"), _read(tid, "schedstat")
+        stat, sched = _fields(tid, "stat"), _fields(tid, "schedstat")
         if tid != me and stat and sched:
-            out[tid] = (stat.rpartition(")")[2].split()[0], sched)
+            out[tid] = (stat[0], " ".join(sched))
     return out
 
 

@@ -237,9 +237,14 @@ def test_under_an_address_space_limit_new_shapes_leave_nothing_mapped() -> None:
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
 def test_the_cli_turns_the_cache_off_only_under_an_address_space_limit() -> None:
     env = {k: v for k, v in os.environ.items() if k != "MKL_DISABLE_FAST_MM"}
+    limits = (resource.RLIMIT_AS, resource.RLIMIT_DATA)
+    if any(resource.getrlimit(r)[1] != resource.RLIM_INFINITY for r in limits):
+        pytest.skip("this process runs under a hard rlimit: no child can run without one")
 
     def env_json(limit: int | None) -> dict:
-        def set_limit() -> None:
+        def set_limit() -> None:  # in the child: exactly the limit asked for, or none at all
+            for r in limits:
+                resource.setrlimit(r, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
             if limit is not None:
                 resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
 
