@@ -81,6 +81,13 @@ class DeviceError(BatchprobeError):
     exit_code = EXIT_ENVIRONMENT
 
 
+class HostLimitError(BatchprobeError):
+    """The process ran out of room under a limit on its own memory (an rlimit) before anything
+    could be measured (exit 3)."""
+
+    exit_code = EXIT_ENVIRONMENT
+
+
 class NothingFitsError(BatchprobeError):
     """Batch size 1 does not fit (exit 4)."""
 

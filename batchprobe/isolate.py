@@ -91,6 +91,7 @@ def _describe(backend: Backend, spec: Spec) -> dict[str, Any]:
             for m in ("matmul", "conv")
         },
         "optimizer_defaults": backend.optimizer_defaults(),
+        "training_environment": backend.training_environment(),
     }
 
 

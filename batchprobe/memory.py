@@ -11,10 +11,11 @@ The same ledger runs under FakeTensorMode for `estimate`: no compute, no memory,
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -73,6 +74,9 @@ class StorageLedger:
     #: the first op that failed (ran out of memory or over the budget): its name, the bytes
     #: live before it, and what it asked for when the ledger saw it (the budget's check)
     failed: tuple[str, int, int | None] | None = None
+    #: called when that first failure is recorded, while the op's inputs are still alive (a
+    #: backend that reads what the host counted then)
+    on_failure: Callable[[], object] | None = None
     #: bytes each op's outputs took, summed over the region (when asked for)
     by_op: dict[str, int] | None = None
     #: an explaining ledger notes what made each storage (op, shape, dtype, module) and keeps
@@ -335,6 +339,9 @@ class TrackingMode(TorchDispatchMode):
             if ledger.failed is None:
                 request = ledger.live_bytes - before if ledger.live_bytes > before else None
                 ledger.failed = (_op_name(func), before, request)
+                if ledger.on_failure is not None:
+                    with contextlib.suppress(Exception):  # never instead of the op's own error
+                        ledger.on_failure()
             raise
         if ledger.by_op is not None and ledger.live_bytes > before:
             name = name or _op_name(func)

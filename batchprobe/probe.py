@@ -230,12 +230,12 @@ def run_probe(
     live = need = op = None
     if failure is not None and failure.outcome is Outcome.OOM:
         live, need, op = failed_allocation(text, meter)
-        if failure.kind == "host":
+        recorded = meter.failed_allocation() if meter is not None else None
+        if failure.kind == "host" and (recorded is None or recorded[2] is None):
             # the host's limit (an rlimit, the RAM) counts what the process maps, not tensor
-            # bytes — library kernels, scratch inside an op — and under an rlimit what fits
-            # moves by a few percent with the shapes run before: the bytes live at the failure
-            # and the request bound nothing a search can lean on (one that leaned on them
-            # chased a limit that kept falling: 21 probes where bisection took 15), so it bisects
+            # bytes — library kernels, scratch inside an op: the request its message names
+            # bounds nothing in live tensor bytes. Only the backend's own reading of the room
+            # the host had when the op failed does (the CPU meter's, under an rlimit)
             live = need = None
     if failure is None and is_thrashing(figures.step_retries):
         failure = Failure(
@@ -245,6 +245,9 @@ def run_probe(
             f"allocator retries in consecutive steps ({figures.step_retries}): on the edge of "
             "an OOM",
         )
+    moving = None
+    if failure is None or not failure.sticky:
+        moving = _quietly_read(backend.limit_now)
     return ProbeResult(
         batch_size=batch_size,
         outcome=failure.outcome if failure else Outcome.FIT,
@@ -259,6 +262,7 @@ def run_probe(
         live_bytes=live,
         need_bytes=need,
         failed_op=op,
+        limit_after_bytes=moving,
         op_bytes=figures.op_bytes,
         explained=(
             figures.explained(batch_size, "measured")
@@ -276,6 +280,14 @@ def _quietly(call: Callable[[], object]) -> Failure | None:
     except Exception as exc:
         return classify(exc)
     return None
+
+
+def _quietly_read(read: Callable[[], int | None]) -> int | None:
+    """A figure read from a device that may have failed (None then)."""
+    try:
+        return read()
+    except Exception:
+        return None
 
 
 def _retained(backend: Backend, meter: Meter) -> tuple[int, Failure | None]:

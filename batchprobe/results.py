@@ -87,6 +87,9 @@ class ProbeResult:
     live_bytes: int | None = None
     need_bytes: int | None = None
     failed_op: str | None = None
+    #: where the limit moves with what the process itself maps (the CPU under an rlimit): the
+    #: limit the next probe faces, as the device measured it after this one
+    limit_after_bytes: int | None = None
     #: bytes each op's outputs took over the probe (the CPU's ledger sees ops; CUDA does not)
     op_bytes: dict[str, int] | None = field(default=None, repr=False)
     #: what filled the peak (a completed probe on a backend that sees each storage)
@@ -95,8 +98,14 @@ class ProbeResult:
     def observation(self, limit_bytes: int | None = None) -> Observation:
         """What a search is told. Against `limit_bytes` (a limit below the one the probe ran
         under, e.g. plan's headroom), a completed probe whose peak is above it did not fit."""
+        moving = self.limit_after_bytes
         if self.outcome is not Outcome.FIT:
-            return Observation(self.outcome, live_bytes=self.live_bytes, need_bytes=self.need_bytes)
+            return Observation(
+                self.outcome,
+                live_bytes=self.live_bytes,
+                need_bytes=self.need_bytes,
+                limit_bytes=moving,
+            )
         if (
             limit_bytes is not None
             and self.peak_bytes is not None
@@ -109,9 +118,14 @@ class ProbeResult:
                 self.line_bytes,
                 need_bytes=self.peak_bytes,
                 flat_bytes=self.flat_bytes,
+                limit_bytes=moving,
             )
         return Observation(
-            self.outcome, self.peak_bytes, self.line_bytes, flat_bytes=self.flat_bytes
+            self.outcome,
+            self.peak_bytes,
+            self.line_bytes,
+            flat_bytes=self.flat_bytes,
+            limit_bytes=moving,
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -135,6 +149,8 @@ class ProbeResult:
             d["message"] = self.failure.message
         if self.need_bytes is not None:
             d["need_bytes"] = self.need_bytes
+        if self.limit_after_bytes is not None:
+            d["limit_after_bytes"] = self.limit_after_bytes
         if self.failed_op is not None:
             d["failed_op"] = self.failed_op
         if self.isolated:

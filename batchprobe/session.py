@@ -145,7 +145,9 @@ class Session:
         resolved here, the one place (estimate needs a trace, predict a limit)."""
         p = self.spec.probe
         limit = limit_bytes or self.limit_bytes
-        seen = () if self.warm is None else ((1, self.warm.observation(limit_bytes)),)
+        seen: tuple[tuple[int, Observation], ...] = ()
+        if self.warm is not None:  # a measurement (the limit it left is read again below)
+            seen = ((1, dataclasses.replace(self.warm.observation(limit_bytes), limit_bytes=None)),)
         ctx = SearchContext(start or p.start, cap or self.cap, limit, seen=seen)
         requested = strategy or p.strategy
         notes: list[str] = []
@@ -156,6 +158,11 @@ class Session:
                 prior, why = self.prior(limit)
                 ctx = dataclasses.replace(ctx, prior=prior)
                 notes += [why] if why else []
+                if not isinstance(self.backend, DeviceView):
+                    # tracing loads code of its own (and, under an rlimit, maps it where the
+                    # probes' tensors would go): what is free to the probes is read again
+                    self.backend.settle()
+                    ctx = dataclasses.replace(ctx, limit_bytes=limit_bytes or self.limit_bytes)
             if chosen.usable(ctx):
                 break
         traced = time.perf_counter() - started

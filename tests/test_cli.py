@@ -212,6 +212,38 @@ def test_env_json() -> None:
     assert "torch" in data and isinstance(data["cuda_devices"], list)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_no_room_for_torch_under_an_rlimit_is_said_without_a_traceback() -> None:
+    """`prlimit --as 2.5G batchprobe find-max ...` with a CUDA build of torch: loading its
+    libraries alone maps ~3.1 GiB, and the import failed with a traceback. Now: exit 3 (the
+    environment), one message naming the limit."""
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_AS)[1] != resource.RLIM_INFINITY:
+        pytest.skip("this process runs under a hard address-space limit")
+    probe = "import batchprobe.cli; print(open('/proc/self/status').read())"
+    status = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    vm = next(int(line.split()[1]) * 1024 for line in status.splitlines() if "VmSize" in line)
+    limit = vm + 96 * 1024**2  # the CLI itself fits; torch's libraries do not
+
+    def capped() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "batchprobe", "find-max", "--model", "zoo:mlp", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=capped,
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert "RLIMIT_AS" in done.stderr and "before anything was measured" in done.stderr
+    assert json.loads(done.stdout)["error"]["exit_code"] == 3
+
+
 def test_python_dash_m_entry_point() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "batchprobe", "--version"],

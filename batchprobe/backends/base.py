@@ -140,6 +140,17 @@ class Backend(Protocol):
         """(what, capacity, allowance) when `estimate` targets this device itself."""
         ...
 
+    def limit_now(self) -> int | None:
+        """The limit the next probe will face, in the bytes probes measure, where it moves with
+        what the process itself maps (the CPU under an rlimit); None where the budget or the
+        device's free memory is the limit."""
+        ...
+
+    def training_environment(self) -> dict[str, str]:
+        """Environment variables a training run needs for the figures to hold on this device
+        (the CPU under an rlimit: the allocator setting every step ran with); usually none."""
+        ...
+
     def settle(self) -> None:
         """After the warm-up step: re-read the memory free to probes (the context, library
         handles and workspaces, the NCCL communicator now exist)."""
@@ -199,6 +210,9 @@ class DeviceView:
 
     def available_now(self) -> int | None:
         return None  # each child measures for itself
+
+    def training_environment(self) -> dict[str, str]:
+        return dict(self.description.get("training_environment", {}))
 
 
 class BackendType(Protocol):

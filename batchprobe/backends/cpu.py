@@ -5,6 +5,12 @@ its cgroup's limits and its rlimits (`hostmem`), named in the device's details. 
 always in force on CPU, so probing never wakes the operating system's OOM killer: by default half
 that headroom, or all of it when an rlimit binds (going over an rlimit fails the allocation,
 which a probe catches as an OOM, instead of killing the process).
+
+An rlimit counts the process's mappings, not its tensors. Under one, every step runs with freed
+blocks unmapped at once (glibc's mmap threshold fixed; the figures then hold for a training run
+with the same setting, `training_environment`), and the limit is re-read as it moves: each new
+batch size leaves a library's kernels mapped, and a failed allocation says how much room the host
+had left when it failed.
 """
 
 from __future__ import annotations
@@ -21,14 +27,16 @@ import torch
 
 from batchprobe.backends.base import Math, MemoryFigures
 from batchprobe.backends.hostmem import (
-    PROBING,
-    TIMING,
     HostLimit,
+    MovingLimit,
+    address_space_limited,
     binding,
     host_limits,
     mkl_buffer_cache,
+    mmap_threshold,
     ram_available,
     set_mmap_threshold,
+    training_environment,
 )
 from batchprobe.memory import ModuleScope, StorageLedger, TrackingMode
 from batchprobe.results import Allowance, DeviceInfo
@@ -61,12 +69,34 @@ def cpu_name() -> str:
 
 
 class CpuMeter:
-    """The ledger of one probe; the step's observer."""
+    """The ledger of one probe; the step's observer. Under a limit on the process's own
+    mappings (`limit`), the first failed op also reads what the limit counted then."""
 
-    def __init__(self, ledger: StorageLedger, host_limited: bool = False) -> None:
+    def __init__(self, ledger: StorageLedger, limit: HostLimit | None = None) -> None:
         self.ledger = ledger
         self.figures = MemoryFigures(start_bytes=ledger.live_bytes)
-        self.host_limited = host_limited
+        self.host_limited = limit is not None
+        self.limit = limit
+        #: the limit less what it counted when the first op failed (the room the host had)
+        self.room_at_failure: int | None = None
+        self.counted_at_start = limit.counted() if limit is not None else None
+        if limit is not None:
+            ledger.on_failure = self._note_failure
+
+    def _note_failure(self) -> None:
+        assert self.limit is not None
+        counted = self.limit.counted()
+        if counted is not None:
+            self.room_at_failure = max(0, self.limit.limit_bytes - counted)
+
+    @property
+    def limit_at_failure(self) -> int | None:
+        """In live tensor bytes, the limit as it stood when the first op failed: the tensors
+        live then plus the room the host had left (None: not measured)."""
+        failed = self.ledger.failed
+        if self.room_at_failure is None or failed is None:
+            return None
+        return failed[1] + self.room_at_failure
 
     def phase(self, name: str) -> None:
         self.ledger.phase(name)
@@ -83,7 +113,14 @@ class CpuMeter:
         return max(0, self.ledger.live_bytes - self.figures.start_bytes)
 
     def failed_allocation(self) -> tuple[str, int, int | None] | None:
-        return self.ledger.failed
+        """The ledger's record of the op that failed. A failure of the host's own allocator
+        (the ledger never saw the request) asked for more than the room the host had then:
+        at least that room plus one byte, in live tensor bytes the limit less what else the
+        process had mapped."""
+        failed = self.ledger.failed
+        if failed is not None and failed[2] is None and self.room_at_failure is not None:
+            return failed[0], failed[1], self.room_at_failure + 1
+        return failed
 
     def close(self) -> None:
         self.ledger.close()
@@ -104,6 +141,23 @@ class CpuBackend:
         self._budget: MemorySize | None = None
         self._held_bytes: int | None = None  # what the last region found held (parameters,
         # buffers: the persistent tensors)
+        #: under a host limit: the limit as it moves with what probes leave mapped
+        self._moving: MovingLimit | None = None
+        self.mmap_threshold: int | None = None  # fixed while a host limit binds
+        self._follow_limit()
+
+    def _follow_limit(self) -> None:
+        """While a limit on the process's own mappings binds, every step (probe, warm-up, timed
+        step) runs with freed blocks of `mmap_threshold` bytes or more unmapped at once, so what
+        a step needs does not depend on the steps before it, and a training run started with
+        the same setting (`training_environment`) needs what the probes measured."""
+        if self.host_limited and self.mmap_threshold is None:
+            threshold, _ = mmap_threshold()
+            if set_mmap_threshold(threshold):
+                self.mmap_threshold = threshold
+        if self.host_limited:
+            assert self.limit is not None
+            self._moving = MovingLimit(self.limit)
 
     def default_budget(self) -> int:
         """All the headroom under an rlimit (its failures are caught), else half of it."""
@@ -136,6 +190,9 @@ class CpuBackend:
             "cpu_threads": torch.get_num_threads(),
             "ram_available_bytes": available_ram_bytes(),
             "mkl_buffer_cache": mkl_buffer_cache(),
+            # fixed under an rlimit (every step then unmaps what it frees); null: glibc's own,
+            # which rises with large frees up to 32 MiB
+            "malloc_mmap_threshold": mmap_threshold()[0] if address_space_limited() else None,
         }
 
     # -- the device -------------------------------------------------------------------------
@@ -151,6 +208,11 @@ class CpuBackend:
                 "capacity": self.limit.label if self.limit else "RAM available at start",
                 "memory": "live tensor bytes (storage ledger)",
                 "mkl_buffer_cache": mkl_buffer_cache(),
+                "malloc_mmap_threshold": self.mmap_threshold,
+                "training_environment": self.training_environment(),
+                # the environment batchprobe started in already says so: a run started from it
+                # gets it too
+                "training_environment_inherited": mmap_threshold()[1],
             },
         )
 
@@ -175,16 +237,15 @@ class CpuBackend:
         ledger.scope = scope if isinstance(scope, ModuleScope) else None
         ledger.mark(persistent, "parameters")
         self._held_bytes = ledger.live_bytes
-        host_limited = self.host_limited
-        meter = CpuMeter(ledger, host_limited=host_limited)
-        if host_limited:  # what the probe frees goes back to the kernel: the next finds its room
-            set_mmap_threshold(PROBING)
+        meter = CpuMeter(ledger, self.limit if self.host_limited else None)
+        if self._moving is not None:
+            self._moving.started(meter.counted_at_start)
         try:
             with scope, TrackingMode(ledger):
                 yield meter
         finally:
-            if host_limited:  # timed steps run as glibc would run them
-                set_mmap_threshold(TIMING)
+            if self._moving is not None:
+                self._moving.ended(meter.limit_at_failure)
             meter.figures.peak_bytes = ledger.peak_bytes
             meter.figures.phase_peaks = dict(ledger.phase_peaks)
             meter.figures.op_bytes = dict(ledger.by_op or {})
@@ -223,6 +284,19 @@ class CpuBackend:
     def available_now(self) -> int | None:
         return None  # the budget is the limit on the CPU
 
+    def limit_now(self) -> int | None:
+        """Under a limit on the process's own mappings, in live tensor bytes: the limit to aim
+        the next probe at, as it moves with what each batch size leaves mapped (`MovingLimit`).
+        None elsewhere: the budget holds."""
+        if self._moving is None or self._held_bytes is None:
+            return None
+        return self._moving.now(self._held_bytes)
+
+    def training_environment(self) -> dict[str, str]:
+        """What a training run's environment must say for the figures to hold here (the
+        allocator setting every step ran with under a host limit); empty elsewhere."""
+        return training_environment() if self.mmap_threshold is not None else {}
+
     def configure(self, train: TrainSpec) -> None:
         return None  # cuDNN and TF32 do not apply to the CPU
 
@@ -236,6 +310,7 @@ class CpuBackend:
         if now is None or not now.catchable or self._held_bytes is None:
             return
         self.limit = now
+        self._follow_limit()  # and what the warm-up mapped is in the baseline now
         self.capacity_bytes = min(self.capacity_bytes, now.headroom_bytes + self._held_bytes)
         self.set_budget(self._budget)
 

@@ -285,6 +285,12 @@ class CudaBackend:
         allocator has reserved and probes reuse."""
         self.free_bytes_at_start = self.available_now()
 
+    def limit_now(self) -> int | None:
+        return None  # the budget, or the free memory the search watches (available_now)
+
+    def training_environment(self) -> dict[str, str]:
+        return {}
+
     def estimate_target(self, estimate: EstimateSpec) -> tuple[str, int, Allowance]:
         """This GPU's capacity with the GPU allowance — or its budget, which caps the caching
         allocator alone (the context and library memory are outside it): no fixed allowance

@@ -22,7 +22,7 @@ from __future__ import annotations
 import ctypes
 import os
 import resource
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 #: cgroup v1 reports "no limit" as PAGE_COUNTER_MAX pages (0x7FFFFFFFFFFFF000)
@@ -39,10 +39,73 @@ class HostLimit:
     #: going over it fails the allocation (an error the probe catches) rather than waking the
     #: OOM killer
     catchable: bool = False
+    #: the /proc/self/status field the kernel checks this limit against (VmSize, VmData), for
+    #: a limit that counts this process's own mappings
+    counts: str | None = None
 
     @property
     def headroom_bytes(self) -> int:
         return max(0, self.limit_bytes - self.used_bytes)
+
+    def counted(self, proc: str = "/proc") -> int | None:
+        """What counts against the limit now (one read of /proc/self/status), for a limit on
+        this process's own mappings; None for the others."""
+        return _status(proc, self.counts) if self.counts is not None else None
+
+
+#: address space a probe may leave behind without it counting as a new size's kernels (the
+#: allocator's own bookkeeping moves by a few pages)
+LEFT_MAPPED_NOISE = 64 * 1024
+
+
+class MovingLimit:
+    """A limit on the process's own mappings (an rlimit), in the bytes of live tensors probes
+    measure, as it moves during a search. Every new batch size leaves its library kernels
+    mapped (a oneDNN kernel per shape: 0.5 MiB for an MLP's GELU, ~14 MiB for a small CNN's
+    convolutions), so the limit falls as sizes are tried. It is measured when an allocation
+    fails (the tensors live then plus the room the host had: exact to a few KiB, where the
+    room read between probes is not) and, from there, lowered by what each probe leaves
+    mapped. Told when a probe starts and how it ended; asked after each probe."""
+
+    def __init__(self, limit: HostLimit) -> None:
+        self.host = limit
+        self.tensor_limit: int | None = None  # as the last failed allocation measured it
+        self.left_mapped = 0  # what the last new size left mapped after its probe
+        self._at_start: int | None = None  # what the host counted when the probe began
+        self._measured = False  # the last probe measured the limit
+        self._probes = 0
+
+    def started(self, counted: int | None) -> None:
+        self._at_start = counted
+
+    def ended(self, measured: int | None) -> None:
+        """The probe's region closed: `measured` is the limit its failed allocation found."""
+        self._measured = measured is not None
+        if measured is not None:
+            self.tensor_limit = measured
+
+    def now(self, held_bytes: int) -> int | None:
+        """The limit to aim the next probe at: the measured one, less what each probe since
+        left mapped, else the room now plus the tensors held (`held_bytes`); less what the last
+        new size left, as the next size maps as much of its own before its peak. Read once
+        after each probe, when it has let go of its tensors."""
+        counted = self.host.counted()
+        if counted is None:
+            return None
+        if self._at_start is not None:
+            left = max(0, counted - self._at_start)
+            left = left if left > LEFT_MAPPED_NOISE else 0
+            self._probes += 1
+            if self._probes > 1:
+                # the first large size also maps what the process maps once (its allocator's
+                # heap grows): not what the next size will map
+                self.left_mapped = left
+            if self.tensor_limit is not None and not self._measured:
+                self.tensor_limit -= left
+            self._at_start = None
+        if self.tensor_limit is not None:
+            return self.tensor_limit - self.left_mapped
+        return self.host.limit_bytes - counted + held_bytes - self.left_mapped
 
 
 def _read(path: str) -> str | None:
@@ -167,7 +230,7 @@ def host_limits(proc: str = "/proc", sys_root: str = "") -> list[HostLimit]:
     ):
         soft, used = _rlimit(name), _status(proc, key)
         if soft is not None and used is not None:
-            limits.append(HostLimit(label, soft, used, catchable=True))
+            limits.append(HostLimit(label, soft, used, catchable=True, counts=key))
     meminfo = _meminfo(proc)
     if "MemAvailable" in meminfo:
         total = meminfo.get("MemTotal", meminfo["MemAvailable"])
@@ -196,22 +259,36 @@ def ram_available(proc: str = "/proc") -> int | None:
 #: free space at the top of the heap past which it is given back
 _M_MMAP_THRESHOLD = -3
 _M_TRIM_THRESHOLD = -1
-#: while memory is measured: glibc's initial threshold, kept fixed
-PROBING = 128 * 1024
-#: while steps are timed: where glibc's own threshold ends up after large frees (its ceiling)
-TIMING = 32 * 1024 * 1024
+#: glibc's initial threshold: every block of 128 KiB or more is mapped on its own and unmapped
+#: when freed
+RETURNING = 128 * 1024
+#: the environment variable glibc reads the threshold from at start (the trailing _ is glibc's)
+MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
+def mmap_threshold(environ: Mapping[str, str] | None = None) -> tuple[int, bool]:
+    """The mmap threshold steps run at under a limit that counts this process's mappings, and
+    whether the environment chose it: `MALLOC_MMAP_THRESHOLD_`, or `glibc.malloc.mmap_threshold`
+    in `GLIBC_TUNABLES` (what a training run started from the same environment gets), else
+    `RETURNING`."""
+    env = os.environ if environ is None else environ
+    value = env.get(MMAP_THRESHOLD_ENV, "")
+    for item in env.get("GLIBC_TUNABLES", "").split(":"):
+        key, _, tunable = item.partition("=")
+        if key == "glibc.malloc.mmap_threshold":
+            value = value or tunable
+    return (int(value), True) if value.isdigit() else (RETURNING, False)
 
 
 def set_mmap_threshold(nbytes: int) -> bool:
-    """Serve every allocation of `nbytes` or more from its own mapping, returned to the kernel
-    when it is freed (glibc's `mallopt(M_MMAP_THRESHOLD)`; the heap is trimmed past twice that).
-    Left alone, glibc raises the threshold after each large free (up to 32 MiB) and serves later
-    allocations from heaps that keep their address space: under an rlimit on the address space
-    each probe left less room for the next (seen: 125 MiB less after one fit), and a size fit or
-    failed by what ran before it. Probes run at `PROBING`; timed steps at `TIMING`, where glibc
-    settles by itself — at `PROBING` every block of 128 KiB or more is mapped and faulted in
-    again on each step (a 2-layer GPT's step took 40% longer, a small CNN's 75%). False where
-    the C library has no such setting (not glibc)."""
+    """Serve every allocation of `nbytes` or more from its own mapping, unmapped when it is freed
+    (glibc's `mallopt(M_MMAP_THRESHOLD)`, which also stops glibc from moving the threshold; the
+    heap is trimmed past twice that). Left alone, glibc raises the threshold after each large
+    free, up to 32 MiB, and serves later blocks from heaps that keep the address space they
+    reach: a transformer encoder's plain training loop under `prlimit --as` 2.5 GiB held 2.4 GiB
+    of address space at 60 samples with glibc's defaults, 0.8 GiB (1.7 GiB at its peak) at
+    128 KiB; 68 samples fit where 110 fit at 128 KiB. False where the C library has no such
+    setting (not glibc)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
@@ -254,6 +331,44 @@ def before_torch() -> bool:
         return False
     os.environ[MKL_CACHE_OFF] = "1"
     return True
+
+
+def training_environment() -> dict[str, str]:
+    """Under a limit on this process's own mappings, what a training run's environment must say
+    for batchprobe's figures to hold there: the mmap threshold every step ran at, and MKL's
+    buffer cache off when it was."""
+    threshold, _ = mmap_threshold()
+    env = {MMAP_THRESHOLD_ENV: str(threshold)}
+    if os.environ.get(MKL_CACHE_OFF) == "1":
+        env[MKL_CACHE_OFF] = "1"
+    return env
+
+
+def out_of_room(exc: BaseException, proc: str = "/proc") -> str | None:
+    """What to tell the user when `exc` is this process running out of room under an rlimit
+    before anything was measured — torch's libraries could not be mapped ("failed to map
+    segment"), the interpreter could not allocate (MemoryError, or CPython's "error return
+    without exception set") — naming the limit and what is mapped already; None for anything
+    else, and where no rlimit holds (then it is no limit of the user's)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    lowered = text.lower()
+    mapped = isinstance(exc, ImportError) and (
+        "failed to map segment" in lowered or "cannot allocate memory" in lowered
+    )
+    if not (mapped or isinstance(exc, (MemoryError, SystemError))):
+        return None
+    rlimits = [x for x in host_limits(proc) if x.catchable]
+    if not rlimits:
+        return None
+    limit = min(rlimits, key=lambda x: x.headroom_bytes)
+    what = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    gib = 1024**3
+    return (
+        f"out of memory under {limit.label.split(' less ')[0]} before anything was measured "
+        f"({what}): the limit is {limit.limit_bytes / gib:.2f} GiB and this process maps "
+        f"{limit.used_bytes / gib:.2f} GiB of it already (torch's libraries, the model). "
+        "Raise or lift the limit (ulimit -v, prlimit --as)."
+    )
 
 
 def mkl_buffer_cache() -> str:

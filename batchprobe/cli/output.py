@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.text import Text
 
 from batchprobe import launcher
-from batchprobe.errors import EXIT_INTERRUPTED, BatchprobeError
+from batchprobe.errors import EXIT_INTERRUPTED, BatchprobeError, HostLimitError
 from batchprobe.report.json import to_json
 
 
@@ -93,6 +93,14 @@ def handled(out: Out, command: str, output: Path | None = None) -> Iterator[None
         yield
     except BatchprobeError as exc:
         fail(out, command, exc)
+    except (ImportError, MemoryError, SystemError) as exc:
+        # under an rlimit, loading torch or the warm-up may find no room: say so, no traceback
+        from batchprobe.backends.hostmem import out_of_room
+
+        told = out_of_room(exc)
+        if told is None:
+            raise
+        fail(out, command, HostLimitError(told))
     except KeyboardInterrupt:
         if not out.has_result:
             out.err.print("[yellow]interrupted before anything was measured[/yellow]")

@@ -34,6 +34,7 @@ from batchprobe.results import Failure, PlanRun, StepTiming, WhatIf
 from batchprobe.search import Outcome
 from batchprobe.session import Session, explain
 from batchprobe.timing import flops_per_sample
+from batchprobe.units import format_bytes
 
 PLATEAU_WIDE = 0.15  # rows this close to the best are where an exact divisor is worth timing
 NOISE_WARNING_RATIO = 4  # a global batch this many times B_noise needs 5x the minimal samples
@@ -164,7 +165,7 @@ def _time(session: Session, run: PlanRun, sizes: list[int], progress: Progress) 
     except KeyboardInterrupt:  # the rows measured so far are kept
         _keep_timings(run, measured, interrupted=True)
         raise
-    _keep_timings(run, measured)
+    _keep_timings(run, measured, moving=session.device.limit_now())
     waits = [t.cpu_wait for t in run.timings.values() if t.busy and t.cpu_wait is not None]
     if waits and not any(w.startswith(_BUSY) for w in run.warnings):
         run.warnings.append(
@@ -175,17 +176,32 @@ def _time(session: Session, run: PlanRun, sizes: list[int], progress: Progress) 
 
 
 def _keep_timings(
-    run: PlanRun, measured: dict[int, StepTiming | Failure], interrupted: bool = False
+    run: PlanRun,
+    measured: dict[int, StepTiming | Failure],
+    interrupted: bool = False,
+    moving: int | None = None,
 ) -> None:
+    """The timings into the plan; a size that failed while timed is said and skipped. `moving`:
+    the limit left once timed, where it moves with what the process itself maps (an rlimit)."""
     for b, timing in sorted(measured.items()):
         if not isinstance(timing, Failure):
             run.timings[b] = timing
         elif timing.outcome is Outcome.ERROR and not interrupted:
             raise ModelError(f"timing micro-batch {b} failed: {timing.message}")
         else:
+            why = ""
+            peak = run.peaks[b].peak_bytes if b in run.peaks else None
+            if moving is not None and peak is not None and moving < peak:
+                limit = str(run.find_max.device.details.get("capacity", "the rlimit"))
+                why = (
+                    f": under {limit.split(' less ')[0]} each batch size run leaves its library "
+                    f"kernels mapped, and this process had {format_bytes(moving)} left for "
+                    f"tensors by then, under its {format_bytes(peak)} peak (a training run at "
+                    "one batch size has that room)"
+                )
             run.warnings.append(
                 f"micro-batch {b} fit when probed but hit {timing.outcome} while timed "
-                f"({timing.message}); skipped"
+                f"({timing.message}); skipped{why}"
             )
 
 

@@ -16,6 +16,18 @@ from batchprobe.search import Outcome
 from batchprobe.units import format_bytes, format_seconds
 
 
+def training_environment_note(limit: str | None, environment: dict[str, str]) -> str:
+    """What a training run must set for the figures to hold under a limit on the process's own
+    mappings (an rlimit): the allocator setting every step here ran with."""
+    which = (limit or "an rlimit").split(" less ")[0]
+    settings = " ".join(f"{k}={v}" for k, v in environment.items())
+    return (
+        f"{which} counts mappings, not tensors: every step here unmapped the blocks it "
+        f"freed. Train with {settings} for these figures to hold; with glibc's defaults freed "
+        "blocks stay mapped and less fits."
+    )
+
+
 def probe_table(
     probes: Sequence[ProbeResult],
     limit_bytes: int | None,
@@ -132,6 +144,11 @@ def find_max_summary(result: FindMaxResult, source: str) -> Panel:
         f"memory measured: {info.details.get('memory', 'allocator')}\n",
         style="dim",
     )
+    environment = info.details.get("training_environment") or {}
+    if environment:
+        inherited = info.details.get("training_environment_inherited", False)
+        lines.append(training_environment_note(info.details.get("capacity"), environment) + "\n",
+                     style="dim" if inherited else "yellow")  # fmt: skip
     started = f", from the fake-tensor estimate {result.guess}" if result.guess is not None else ""
     ran = sum(1 for p in result.probes if not p.reused)
     reused = len(result.probes) - ran

@@ -16,6 +16,9 @@ The keys every consumer may rely on (sizes in bytes, times in seconds):
   effect, error}] with estimate.what_if (--what-if), else null; estimate adds sweep {axis:
   seq_len, points [{seq_len, max_batch_size, tokens_per_micro_batch, peak_bytes, error}]} with
   --sweep, else null;
+- every command that opens a device adds training_environment: environment variables a training
+  run needs for the figures to hold ({} but for the CPU under an rlimit, where every step ran
+  with glibc's mmap threshold fixed: MALLOC_MMAP_THRESHOLD_, MKL_DISABLE_FAST_MM);
 - find-max adds axis (batch_size | seq_len); along seq_len also max_seq_len, batch_size (the
   micro-batch held), and each probe's seq_len (its batch_size is the one held);
 - check: command, passed, checks [{name, expected, measured, passed}];
@@ -51,6 +54,9 @@ def device_dict(info: DeviceInfo) -> dict[str, Any]:
         "device_name": info.name,
         "capacity_bytes": info.capacity_bytes,
         "torch_version": info.torch_version,
+        # what a training run's environment must say for the figures to hold (the allocator
+        # setting every step ran with under an rlimit on the CPU); {} almost everywhere
+        "training_environment": dict(info.details.get("training_environment") or {}),
     }
 
 
