@@ -18,7 +18,9 @@ installed, PyTorch Lightning's `Tuner.scale_batch_size(mode="binsearch")` under 
 memory limit: each runs in a child process whose address space is capped (RLIMIT_AS, as
 `prlimit --as` does), so the host allocator itself fails (`DefaultCPUAllocator: can't allocate
 memory`). batchprobe reads the limit; Lightning does not need to. Same model, same AdamW, same
-synthetic data.
+synthetic data. Then each answer is put to use: a new process under the same limit trains at it
+for 4 steps — with the environment the tool says its answer needs (batchprobe's
+`training_environment`), and with glibc's defaults.
 """
 
 from __future__ import annotations
@@ -154,7 +156,8 @@ import os, resource, json, time, sys
 sys.path.insert(0, {root!r})
 import torch
 torch.set_num_threads(2)
-from batchprobe.sources.zoo import MLP
+from batchprobe.sources import zoo
+MODEL = {model!r}  # (zoo name, kwargs, input kind, per-sample shape or seq_len, vocab or None)
 """
 
 OURS = (
@@ -167,20 +170,31 @@ from batchprobe.session import open_session
 soft, hard = resource.getrlimit(resource.RLIMIT_AS)
 resource.setrlimit(resource.RLIMIT_AS, ({limit}, hard))
 started = time.perf_counter()
-spec = load_spec(text=json.dumps({{"model": {{"source": "zoo:mlp", "kwargs": {kwargs!r}}},
+spec = load_spec(text=json.dumps({{"model": {{"source": "zoo:" + MODEL[0], "kwargs": MODEL[1]}},
                                    "probe": {{"device": "cpu", "strategy": {strategy!r}}}}}))
 session = open_session(spec)
 result = session.search()
+seconds = time.perf_counter() - started
 ran = [p for p in result.probes if not p.reused]
 print(json.dumps({{"max": result.max_batch_size, "trials": [p.batch_size for p in ran],
                    "outcomes": [p.outcome.value for p in ran],
                    "capacity": session.backend.info().details["capacity"],
-                   "seconds": time.perf_counter() - started}}))
+                   "environment": session.backend.training_environment(),
+                   "trace_seconds": result.trace_seconds, "seconds": seconds}}))
 """
 )
 
+BATCH = """
+def batch(n):
+    name, kwargs, kind, shape, vocab = MODEL
+    if kind == "tokens":
+        return torch.randint(0, vocab, (n, shape)), torch.randint(0, 10, (n,))
+    return torch.randn(n, *shape), torch.randint(0, 10, (n,))
+"""
+
 LIGHTNING = (
     CHILD_COMMON
+    + BATCH
     + """
 import logging
 logging.getLogger("lightning").setLevel(logging.ERROR)
@@ -190,16 +204,17 @@ from lightning.pytorch.tuner import Tuner
 from torch.utils.data import DataLoader, Dataset
 
 class Random(Dataset):
-    def __init__(self, n): self.n = n
     def __len__(self): return 10**8
-    def __getitem__(self, i): return torch.randn(self.n), torch.randint(0, 10, ()).long()
+    def __getitem__(self, i):
+        x, y = batch(1)
+        return x[0], y[0]
 
 seen = []
 class Module(pl.LightningModule):
     def __init__(self):
         super().__init__()
         self.batch_size = 2
-        self.net = MLP(**{kwargs!r})
+        self.net = zoo.ZOO[MODEL[0]].factory(**MODEL[1])
     def training_step(self, batch, i):
         x, y = batch
         if not seen or seen[-1] != x.shape[0]:
@@ -208,7 +223,7 @@ class Module(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
     def train_dataloader(self):
-        return DataLoader(Random(self.net.blocks[0][0].in_features), batch_size=self.batch_size)
+        return DataLoader(Random(), batch_size=self.batch_size)
 
 model = Module()
 trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
@@ -223,10 +238,33 @@ print(json.dumps({{"max": found, "trials": seen, "seconds": time.perf_counter() 
 """
 )
 
+#: what the answers are for: a plain training loop in a new process under the same limit, at
+#: one batch size, for several steps (the first steps of a training run)
+TRAIN = (
+    CHILD_COMMON
+    + BATCH
+    + """
+torch.manual_seed(0)
+net = zoo.ZOO[MODEL[0]].factory(**MODEL[1])
+opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+x, y = batch({size})
+soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+resource.setrlimit(resource.RLIMIT_AS, ({limit}, hard))
+try:
+    for _ in range(4):
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    print(json.dumps("trains"))
+except RuntimeError as exc:
+    print(json.dumps("oom" if "can't allocate memory" in str(exc) else str(exc)[:200]))
+"""
+)
 
-def _baseline_vsize(lightning: bool) -> int:
+
+def _baseline_vsize(model: tuple, lightning: bool) -> int:
     """The address space of a child after its imports (the limit is set above it)."""
-    script = CHILD_COMMON.format(root=str(ROOT)) + textwrap.dedent(
+    script = CHILD_COMMON.format(root=str(ROOT), model=model) + textwrap.dedent(
         f"""
         {"import lightning.pytorch" if lightning else ""}
         from batchprobe.session import open_session
@@ -239,17 +277,21 @@ def _baseline_vsize(lightning: bool) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def _child(template: str, kwargs: dict, limit: int, strategy: str = "auto") -> dict:
-    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "PYTHONWARNINGS": "ignore"}
-    if template is OURS:  # as the CLI sets it before torch loads, under an address-space limit
-        env["MKL_DISABLE_FAST_MM"] = "1"
-    script = template.format(root=str(ROOT), kwargs=kwargs, limit=limit, strategy=strategy)
+def _child(template: str, model: tuple, limit: int, env: dict | None = None, **fields) -> dict:
+    """Run `template` in a child under the address-space limit. MKL's buffer cache is off in
+    batchprobe's (as its CLI sets it before torch loads, under such a limit) and as `env` says
+    (a training environment); the others run as they would."""
+    base = {k: v for k, v in os.environ.items() if k not in ("MKL_DISABLE_FAST_MM",)}
+    base |= {"MALLOC_ARENA_MAX": "2", "PYTHONWARNINGS": "ignore"}
+    if template is OURS:
+        base["MKL_DISABLE_FAST_MM"] = "1"
+    script = template.format(root=str(ROOT), model=model, limit=limit, **fields)
     with tempfile.TemporaryDirectory() as cwd:  # Lightning writes a checkpoint to the cwd
         done = subprocess.run(
             [sys.executable, "-c", script],
             capture_output=True,
             text=True,
-            env=env,
+            env={**base, **(env or {})},
             timeout=1800,
             cwd=cwd,
         )
@@ -258,9 +300,23 @@ def _child(template: str, kwargs: dict, limit: int, strategy: str = "auto") -> d
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+#: (label, (zoo name, kwargs, input kind, shape or seq_len, vocab), room above the imports)
 LIMIT_CASES = (
-    ({"hidden": 1024, "depth": 3}, 0.5 * 2**30),
-    ({"hidden": 4096, "depth": 2}, 1.0 * 2**30),  # slow: --quick leaves it out
+    (
+        "zoo:encoder 4 layers, d_model 256, 128 tokens",
+        ("encoder", {}, "tokens", 128, 8000),
+        1.5 * 2**30,
+    ),
+    (
+        "zoo:mlp hidden 1024, depth 3",
+        ("mlp", {"hidden": 1024, "depth": 3}, "tensor", [784], None),
+        0.5 * 2**30,
+    ),
+    (
+        "zoo:mlp hidden 4096, depth 2",  # slow: --quick leaves it out
+        ("mlp", {"hidden": 4096, "depth": 2}, "tensor", [784], None),
+        1.0 * 2**30,
+    ),
 )
 
 
@@ -272,28 +328,41 @@ def part2(quick: bool = False) -> list[dict]:
     except ImportError:
         print("\n(lightning is not installed: pip install lightning, to compare with its finder)")
         have_lightning = False
-    base = _baseline_vsize(have_lightning)
     rows = []
-    print(f"\nUnder a real address-space limit (baseline {base / 2**30:.2f} GiB after imports):")
-    for kwargs, extra in LIMIT_CASES[:1] if quick else LIMIT_CASES:
+    print("\nUnder a real address-space limit (RLIMIT_AS), no budget given:")
+    for label, model, extra in LIMIT_CASES[:2] if quick else LIMIT_CASES:
+        base = _baseline_vsize(model, have_lightning)
         limit = int(base + extra)
         runs = {
-            "batchprobe (default)": _child(OURS, kwargs, limit),
-            "batchprobe doubling": _child(OURS, kwargs, limit, "doubling"),
+            "batchprobe (default)": _child(OURS, model, limit, strategy="auto"),
+            "batchprobe doubling": _child(OURS, model, limit, strategy="doubling"),
         }
         if have_lightning:
-            runs["lightning binsearch"] = _child(LIGHTNING, kwargs, limit)
-        rows.append({"model": f"zoo:mlp {kwargs}", "limit": limit, **runs})
-        print(f"  zoo:mlp {kwargs}, limit baseline + {extra / 2**30:.1f} GiB")
+            runs["lightning binsearch"] = _child(LIGHTNING, model, limit)
+        print(f"  {label}: limit {limit / 2**30:.2f} GiB ({extra / 2**30:.1f} GiB above imports)")
         for name, r in runs.items():
             if "error" in r:
                 print(f"    {name:<22} failed: {r['error']}")
                 continue
             tested = "tested" if r["max"] in r["trials"] or r["max"] == 1 else "NEVER TESTED"
+            # does the answer train? a new process, the limit, 4 steps: with the environment
+            # the tool says its answer needs, and as a process starts by default
+            said = r.get("environment") or {}
+            r["trains"] = _child(TRAIN, model, limit, env=said, size=r["max"])
+            if said:
+                r["trains_by_default"] = _child(TRAIN, model, limit, size=r["max"])
+            trains = r["trains"] + (
+                f" with {' '.join(f'{k}={v}' for k, v in said.items())}; "
+                f"{r['trains_by_default']} with glibc's defaults"
+                if said
+                else ""
+            )
             print(
                 f"    {name:<22} max {r['max']!s:>6} ({tested})  {len(r['trials']):>2} trials  "
-                f"{r['seconds']:6.1f} s  trials: {r['trials']}"
+                f"{r['seconds']:6.1f} s  trials: {r['trials']}\n"
+                f"    {'':<22} a new training process at {r['max']}: {trains}"
             )
+        rows.append({"model": label, "limit": limit, **runs})
     return rows
 
 

@@ -171,6 +171,40 @@ class LSTMClassifier(nn.Module):
         return self.head(out[:, -1])
 
 
+class Encoder(nn.Module):
+    """A Transformer encoder sequence classifier, torch's own layers (`nn.TransformerEncoder`:
+    post-norm, ReLU, dropout): token and position embeddings -> n_layer layers -> the mean over
+    positions -> num_classes."""
+
+    def __init__(
+        self,
+        vocab_size: int = 8000,
+        seq_len: int = 128,
+        d_model: int = 256,
+        n_layer: int = 4,
+        n_head: int = 4,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.1,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        self.seq_len = seq_len
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Embedding(seq_len, d_model)
+        layer = nn.TransformerEncoderLayer(
+            d_model, n_head, dim_feedforward, dropout, batch_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        if t > self.seq_len:
+            raise ValueError(f"sequence length {t} exceeds seq_len {self.seq_len}")
+        x = self.embed(ids) + self.pos(torch.arange(t, device=ids.device))
+        return self.head(self.encoder(x).mean(1))
+
+
 class LinearRegression(nn.Module):
     """y = w.x: the model of the noise-scale example (its gradient noise is known exactly)."""
 
@@ -237,6 +271,19 @@ ZOO: dict[str, ZooEntry] = {
         ),
         "cross_entropy",
         "LSTM sequence classifier, 128 tokens (vocab_size, embed, hidden, num_layers, num_classes)",
+    ),
+    "encoder": ZooEntry(
+        Encoder,
+        lambda kw: InputDefaults(
+            kind="tokens",
+            seq_len=_kw(kw, Encoder, "seq_len"),
+            vocab_size=_kw(kw, Encoder, "vocab_size"),
+            num_classes=_kw(kw, Encoder, "num_classes"),
+            max_seq_len=_kw(kw, Encoder, "seq_len"),
+        ),
+        "cross_entropy",
+        "Transformer encoder sequence classifier (vocab_size, seq_len, d_model, n_layer, n_head, "
+        "dim_feedforward, dropout, num_classes)",
     ),
     "linreg": ZooEntry(
         LinearRegression,
