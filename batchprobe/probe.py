@@ -15,7 +15,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import torch
 
@@ -27,6 +27,8 @@ from batchprobe.step import TrainStep
 
 if TYPE_CHECKING:
     from batchprobe.backends.base import Backend, Meter
+
+T = TypeVar("T")
 
 # Lower-case fragments of exception messages, checked along the __cause__/__context__ chain after
 # the exception types: the texts PyTorch raises for each way of running out of memory (caching
@@ -245,9 +247,9 @@ def run_probe(
             f"allocator retries in consecutive steps ({figures.step_retries}): on the edge of "
             "an OOM",
         )
-    moving = None
+    limit_now = None
     if failure is None or not failure.sticky:
-        moving = _quietly_read(backend.limit_now)
+        limit_now = _quietly_read(backend.limit_now)
     return ProbeResult(
         batch_size=batch_size,
         outcome=failure.outcome if failure else Outcome.FIT,
@@ -262,7 +264,8 @@ def run_probe(
         live_bytes=live,
         need_bytes=need,
         failed_op=op,
-        limit_after_bytes=moving,
+        limit_after_bytes=limit_now[0] if limit_now is not None else None,
+        limit_moves_with_probes=limit_now is not None and limit_now[1],
         op_bytes=figures.op_bytes,
         explained=(
             figures.explained(batch_size, "measured")
@@ -282,7 +285,7 @@ def _quietly(call: Callable[[], object]) -> Failure | None:
     return None
 
 
-def _quietly_read(read: Callable[[], int | None]) -> int | None:
+def _quietly_read(read: Callable[[], T | None]) -> T | None:
     """A figure read from a device that may have failed (None then)."""
     try:
         return read()

@@ -87,9 +87,11 @@ class ProbeResult:
     live_bytes: int | None = None
     need_bytes: int | None = None
     failed_op: str | None = None
-    #: where the limit moves with what the process itself maps (the CPU under an rlimit): the
-    #: limit the next probe faces, as the device measured it after this one
+    #: the limit the next probe faces, as the device knew it after this one (the CPU: its
+    #: budget, or under an rlimit the limit as it moves), and whether it moves with what the
+    #: probes themselves map (an rlimit) rather than because the limit changed
     limit_after_bytes: int | None = None
+    limit_moves_with_probes: bool = False
     #: bytes each op's outputs took over the probe (the CPU's ledger sees ops; CUDA does not)
     op_bytes: dict[str, int] | None = field(default=None, repr=False)
     #: what filled the peak (a completed probe on a backend that sees each storage)
@@ -98,13 +100,14 @@ class ProbeResult:
     def observation(self, limit_bytes: int | None = None) -> Observation:
         """What a search is told. Against `limit_bytes` (a limit below the one the probe ran
         under, e.g. plan's headroom), a completed probe whose peak is above it did not fit."""
-        moving = self.limit_after_bytes
+        moving, own = self.limit_after_bytes, self.limit_moves_with_probes
         if self.outcome is not Outcome.FIT:
             return Observation(
                 self.outcome,
                 live_bytes=self.live_bytes,
                 need_bytes=self.need_bytes,
                 limit_bytes=moving,
+                limit_moves_with_probes=own,
             )
         if (
             limit_bytes is not None
@@ -119,6 +122,7 @@ class ProbeResult:
                 need_bytes=self.peak_bytes,
                 flat_bytes=self.flat_bytes,
                 limit_bytes=moving,
+                limit_moves_with_probes=own,
             )
         return Observation(
             self.outcome,
@@ -126,6 +130,7 @@ class ProbeResult:
             self.line_bytes,
             flat_bytes=self.flat_bytes,
             limit_bytes=moving,
+            limit_moves_with_probes=own,
         )
 
     def to_dict(self) -> dict[str, object]:

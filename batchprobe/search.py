@@ -42,9 +42,11 @@ class Observation:
     need_bytes: int | None = None
     #: the optimizer step's own peak, when the backend can tell it apart (None: not known)
     flat_bytes: int | None = None
-    #: the limit the next probe faces, where the device measures one that moves with what the
-    #: process itself maps (the CPU under an rlimit; None: the configured limit holds)
+    #: the limit the next probe faces, as the device knew it after this probe (None: the
+    #: configured limit holds), and whether it moves with what the probes themselves map (an
+    #: rlimit: each new size's kernels stay mapped) rather than because the limit changed
     limit_bytes: int | None = None
+    limit_moves_with_probes: bool = False
 
 
 StrategyGen = Generator[int, Observation, None]
@@ -157,6 +159,7 @@ class _Knowledge:
         self.configured = limit
         self.prior = prior
         self.fits: dict[int, int] = {}  # b -> growing part of the measured peak
+        self.peaks: dict[int, int] = {}  # b -> the measured peak
         self.flats: dict[int, int] = {}  # b -> the optimizer step's measured peak
         self.needs: dict[int, int] = {}  # b -> memory at b is at least this (a failure)
         self.floor = 0  # the limit is at least this (peaks that fit, bytes live at a failure)
@@ -169,6 +172,7 @@ class _Knowledge:
         if obs.outcome is Outcome.FIT and obs.peak_bytes:
             line = obs.line_bytes if obs.line_bytes is not None else obs.peak_bytes
             self.fits[b] = line
+            self.peaks[b] = obs.peak_bytes
             if obs.flat_bytes:
                 self.flats[b] = obs.flat_bytes
             self.floor = max(self.floor, obs.peak_bytes)
@@ -373,11 +377,21 @@ def learned(
     while True:
         obs = yield b
         k.add(b, obs)
-        if br.record(b, obs):
+        done = br.record(b, obs)
+        if obs.outcome is Outcome.ERROR:
+            return
+        if obs.limit_bytes is not None and not obs.limit_moves_with_probes and br.lo:
+            # the device read a limit below what the largest fit used (a budget another layer
+            # lowered): it no longer fits, and the search goes on below it (`voided`)
+            still = [fb for fb, peak in k.peaks.items() if peak <= obs.limit_bytes]
+            if br.lo not in still:
+                br.lo = max(still, default=0)
+                done = br.hi is not None and br.hi - br.lo <= 1
+        if done:
             return
         lo, hi = br.lo, br.hi
         around = k.interval()
-        if around is not None and k.current is not None:
+        if around is not None and obs.limit_moves_with_probes:
             # a limit that moves with the process's own mappings (each new size leaves its
             # kernels): below what fit, the boundary is that fit, measured as the limit stood
             around = (max(around[0], lo), max(around[1], lo))
@@ -400,7 +414,7 @@ def learned(
             around = k.interval()
             low, high = (max(around[0], lo), min(around[1], hi - 1)) if around else (1, 0)
         expect, span = None, 0
-        if missed and obs.limit_bytes is not None and remeasured > 0 and low <= high:
+        if missed and obs.limit_moves_with_probes and remeasured > 0 and low <= high:
             remeasured, missed = remeasured - 1, False
         if missed and retry and low <= high:
             # a near miss (a line off by a little near the boundary) is corrected by the
@@ -423,9 +437,9 @@ def limit_fell(
     lowered). (index of the failure, (its size, its need, the fit's size, the fit's peak))."""
     fits: list[tuple[int, int]] = []
     for i, (b, obs) in enumerate(observations):
-        if obs.limit_bytes is not None:
-            # a limit the device measures as it moves with the process's own mappings: a
-            # search follows it, and what fit before it moved was measured as it stood then
+        if obs.limit_moves_with_probes:
+            # a limit that moves with what the probes themselves map: a search follows it, and
+            # what fit before it moved still fits a process that did not run those probes
             continue
         if obs.outcome is Outcome.FIT and obs.peak_bytes:
             fits.append((b, obs.peak_bytes))
@@ -434,6 +448,22 @@ def limit_fell(
                 if size < b and obs.need_bytes < peak:
                     return i, (b, obs.need_bytes, size, peak)
     return None
+
+
+def voided(observations: Sequence[tuple[int, Observation]]) -> set[int]:
+    """Fits (their indices) that a later reading of the limit no longer allows: the device said
+    the limit fell below what they used (a budget another layer lowered), not because of what
+    the probes themselves map. They are no part of the answer."""
+    out: set[int] = set()
+    lowest: int | None = None  # the lowest reading after each fit, scanning back
+    for i in range(len(observations) - 1, -1, -1):
+        _, obs = observations[i]
+        peak = obs.peak_bytes
+        if obs.outcome is Outcome.FIT and peak and lowest is not None and peak > lowest:
+            out.add(i)
+        if obs.limit_bytes is not None and not obs.limit_moves_with_probes:
+            lowest = obs.limit_bytes if lowest is None else min(lowest, obs.limit_bytes)
+    return out
 
 
 def iter_once(size: int) -> StrategyGen:
@@ -553,8 +583,10 @@ def summarize(
     probes: Sequence[tuple[int, Observation]], cap: int, *, interrupted: bool = False
 ) -> SearchResult:
     """The result implied by a list of probes (complete or not). A size tried more than once
-    (the device changed under the search) counts as its latest outcome."""
-    latest = {b: o.outcome for b, o in probes}
+    (the device changed under the search) counts as its latest outcome; a fit that a later
+    reading of the limit no longer allows (`voided`) is no fit of the result."""
+    void = voided(probes)
+    latest = {b: o.outcome for i, (b, o) in enumerate(probes) if i not in void}
     fit_sizes = [b for b, o in latest.items() if o is Outcome.FIT]
     failed = {b for b, o in latest.items() if o is not Outcome.FIT}
     best = max(fit_sizes) if fit_sizes else None

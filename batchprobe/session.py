@@ -44,6 +44,7 @@ from batchprobe.search import (
     limit_fell,
     make_strategy,
     summarize,
+    voided,
 )
 from batchprobe.sources import Workload, build_workload, quiet_warnings
 from batchprobe.spec import Spec
@@ -147,7 +148,10 @@ class Session:
         limit = limit_bytes or self.limit_bytes
         seen: tuple[tuple[int, Observation], ...] = ()
         if self.warm is not None:  # a measurement (the limit it left is read again below)
-            seen = ((1, dataclasses.replace(self.warm.observation(limit_bytes), limit_bytes=None)),)
+            warm = self.warm.observation(limit_bytes)
+            seen = (
+                (1, dataclasses.replace(warm, limit_bytes=None, limit_moves_with_probes=False)),
+            )
         ctx = SearchContext(start or p.start, cap or self.cap, limit, seen=seen)
         requested = strategy or p.strategy
         notes: list[str] = []
@@ -174,8 +178,10 @@ class Session:
         done = drive(
             chosen.make(ctx), watch, limit_bytes=limit_bytes, known=known, progress=progress
         )
+        watch.void = voided(done.observations)  # fits the device said no longer fit
         notes += watch.recheck(done, ctx, limit_bytes, progress)
-        summary = summarize(done.observations, ctx.cap, interrupted=done.interrupted)
+        counted = [o for i, o in enumerate(done.observations) if i not in watch.void]
+        summary = summarize(counted, ctx.cap, interrupted=done.interrupted)
         return FindMaxResult(
             search=summary,
             probes=done.probes,
@@ -331,6 +337,10 @@ class _RoomWatch:
         self.probes = 0
         self.fell_at: int | None = None  # probes run when the fall was first seen
         self.fall = 0
+        #: observations (indices) of sizes that fit before the limit fell and that a reading of
+        #: the limit or a failure since proved no longer fit: not fits of the answer, and not
+        #: probed again
+        self.void: set[int] = set()
 
     def __call__(self, batch_size: int) -> ProbeResult:
         now = _available(self.backend)
@@ -359,6 +369,7 @@ class _RoomWatch:
             # probes answered from earlier ones never came here: count the ones that ran
             ran = [i for i, p in enumerate(done.probes) if not p.reused]
             fell_at = ran[self.fell_at] if self.fell_at < len(ran) else len(done.probes)
+            proven: int | None = None  # nothing says by how much
         elif (fell := limit_fell(done.observations)) is not None:
             fell_at, (b, need, size, peak) = fell
             notes = [
@@ -366,18 +377,32 @@ class _RoomWatch:
                 f"{format_bytes(peak)} batch {size} used when it fit: the limit fell during the "
                 "search"
             ]
+            proven = need - 1  # the limit since: below what that failure needed
         else:
             return []
-        fits = [i for i, (_, o) in enumerate(done.observations) if o.outcome is Outcome.FIT]
+        fits = [
+            i
+            for i, (_, o) in enumerate(done.observations)
+            if o.outcome is Outcome.FIT and i not in self.void
+        ]
         best = max(fits, key=lambda i: done.observations[i][0], default=None)
         if best is None or best >= fell_at:
-            return notes
-        size = done.observations[best][0]
-        again = drive(iter_once(size), self, limit_bytes=limit_bytes, progress=progress)
-        done.probes += again.probes
-        done.observations += again.observations
-        if again.observations and again.observations[0][1].outcome is Outcome.FIT:
-            return [*notes, f"micro-batch {size} still fits after the fall"]
+            return notes  # the answer was found after the fall
+        size, seen = done.observations[best]
+        if proven is not None and seen.peak_bytes is not None and seen.peak_bytes > proven:
+            # what failed since proves it no longer fits (memory at a size does not change):
+            # no probe to learn that again; the fits it voids are no part of the answer
+            self.void |= {
+                i
+                for i, (_, o) in enumerate(done.observations[:fell_at])
+                if o.outcome is Outcome.FIT and (o.peak_bytes or 0) > proven
+            }
+        else:
+            again = drive(iter_once(size), self, limit_bytes=limit_bytes, progress=progress)
+            done.probes += again.probes
+            done.observations += again.observations
+            if again.observations and again.observations[0][1].outcome is Outcome.FIT:
+                return [*notes, f"micro-batch {size} still fits after the fall"]
         # the warm-up is a fit measured before the search: kept too, if what failed since
         # proves its peak still fits
         after = _since_the_fall([*ctx.seen, *done.observations], fell_at + len(ctx.seen))
@@ -389,6 +414,13 @@ class _RoomWatch:
             )
             done.probes += rest.probes
             done.observations += rest.observations
+            fits_below = [b for b, o in rest.observations if o.outcome is Outcome.FIT]
+            if self.void and not rest.interrupted and max(fits_below, default=0) == size - 1:
+                # the answer is next to a size known not to fit only from bytes: tried, so
+                # that max + 1 is a tested size as every answer's is
+                last = drive(iter_once(size), self, limit_bytes=limit_bytes, progress=progress)
+                done.probes += last.probes
+                done.observations += last.observations
         return [*notes, f"micro-batch {size} no longer fits: searched again below it"]
 
 

@@ -299,3 +299,43 @@ def test_what_a_worker_thread_still_holds_is_not_left_behind() -> None:
     s = session("user_models:hands_off", inputs={"kind": "tensor", "shape": [16], "num_classes": 4})
     result = run_probe(s.step, s.backend, 8)
     assert result.outcome is Outcome.FIT and result.retained_bytes == 0
+
+
+class _Falls:
+    """Another process takes memory after the first probe: the budget the probes run under falls
+    to `share` of the one the search was told."""
+
+    def __init__(self, backend, share: float) -> None:
+        self.backend, self.share, self.done = backend, share, False
+
+    def probe_started(self, batch_size: int) -> None:
+        pass
+
+    def probe_done(self, result) -> None:
+        if not self.done:
+            self.done = True
+            self.backend.budget_bytes = int(self.backend.budget_bytes * self.share)
+
+
+def test_a_fall_the_failures_prove_is_not_probed_again() -> None:
+    """The limit fell under the search. A later failure that needed less than a smaller size
+    used when it fit proves that size no longer fits (memory at a size does not change): no
+    probe to learn it again (it was the costliest of the search). The answer is the exact
+    boundary under the new limit, its max + 1 tried."""
+    s = session(
+        "zoo:gpt",
+        budget="64MiB",
+        model={"kwargs": {"n_layer": 2, "n_head": 4, "n_embd": 128, "vocab_size": 2048,
+                          "block_size": 64}},
+    )  # fmt: skip
+    result = s.search(progress=_Falls(s.backend, 0.6))
+    ran = [p.batch_size for p in result.probes if not p.reused]
+    first = ran[0]
+    assert result.probes[[p.batch_size for p in result.probes].index(first)].outcome is Outcome.FIT
+    assert ran.count(first) == 1, ran
+    assert any("the limit fell" in w for w in result.warnings), result.warnings
+    best = result.max_batch_size
+    assert best is not None and best < first and result.search.exact, ran
+    assert best + 1 in ran
+    budget = s.backend.budget_bytes
+    assert peak_at(s, best) <= budget < peak_at(s, best + 1)

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
 import pytest
 
-from batchprobe.search import Line, Observation, Outcome, Prior, search, summarize
+from batchprobe.search import Line, Observation, Outcome, Prior, search, summarize, voided
 
 
 def sizes(result) -> list[int]:
@@ -310,3 +311,45 @@ def test_after_a_fall_the_search_below_keeps_only_the_fits_still_true() -> None:
     # a failure that does not say what was live proves nothing: nothing from before is kept
     blind = (156, Observation(Outcome.OOM))
     assert _since_the_fall([*before, blind], 4) == (blind,)
+
+
+class FallingDevice(Device):
+    """A device that says its limit after each probe (the CPU says its budget): after the first
+    probe the limit falls to `share` of what it was (a budget another layer lowered)."""
+
+    def __init__(self, fixed: float, per_sample: float, limit: int, share: float) -> None:
+        super().__init__(fixed, per_sample, limit)
+        self.share, self.probed = share, 0
+
+    def __call__(self, b: int) -> Observation:
+        obs = super().__call__(b)
+        self.probed += 1
+        if self.probed == 2:  # the warm-up, then one probe: then it falls
+            self.limit = int(self.limit * self.share)
+        return dataclasses.replace(obs, limit_bytes=self.limit)
+
+
+def test_a_limit_the_device_reads_lower_voids_the_fits_above_it() -> None:
+    """The device read a limit below what the largest fit used: that fit no longer fits, and
+    the search goes on below it at once — the answer is exact under the new limit, and no fit
+    the reading voided is part of it."""
+    for share in (0.9, 0.6, 0.3):
+        device = FallingDevice(16e6, 4.7e6, int(16e6 + 4.7e6 * 96.5), share)
+        prior = Prior(Line(16e6, 4.7e6))
+        told = int(16e6 + 4.7e6 * 96.5)
+        warm = device(1)
+        result = search(
+            device, strategy="estimate", limit_bytes=told, prior=prior, seen=[(1, warm)]
+        )
+        after = max(0, math.floor((device.limit - 16e6) / 4.7e6))
+        assert result.best == after and result.exact, (share, result.probes)
+        sizes = [b for b, _ in result.probes]
+        assert sizes[0] == 96 and sizes.count(96) == 1, sizes  # not probed again
+        assert len(sizes) <= 4, (share, sizes)
+    assert voided([(96, Observation(Outcome.FIT, 100)), (97, Observation(Outcome.OOM))]) == set()
+    fell = [(96, Observation(Outcome.FIT, 100, limit_bytes=100)),
+            (56, Observation(Outcome.FIT, 60, limit_bytes=70))]  # fmt: skip
+    assert voided(fell) == {0}
+    own = [(96, Observation(Outcome.FIT, 100)),
+           (97, Observation(Outcome.OOM, limit_bytes=70, limit_moves_with_probes=True))]  # fmt: skip
+    assert voided(own) == set()  # what the probes map themselves: 96 fit a process without them

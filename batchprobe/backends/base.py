@@ -140,10 +140,13 @@ class Backend(Protocol):
         """(what, capacity, allowance) when `estimate` targets this device itself."""
         ...
 
-    def limit_now(self) -> int | None:
-        """The limit the next probe will face, in the bytes probes measure, where it moves with
-        what the process itself maps (the CPU under an rlimit); None where the budget or the
-        device's free memory is the limit."""
+    def limit_now(self) -> tuple[int, bool] | None:
+        """The limit the next probe will face, in the bytes probes measure, as the device knows
+        it now, and whether it moves with what the probes themselves map (the CPU under an
+        rlimit: each new batch size leaves its kernels mapped; what fit before still fits a
+        process that did not run them) rather than because the limit changed (a budget another
+        layer lowered). None where the device cannot say (a GPU: the search watches its free
+        memory apart)."""
         ...
 
     def training_environment(self) -> dict[str, str]:

@@ -284,13 +284,17 @@ class CpuBackend:
     def available_now(self) -> int | None:
         return None  # the budget is the limit on the CPU
 
-    def limit_now(self) -> int | None:
-        """Under a limit on the process's own mappings, in live tensor bytes: the limit to aim
-        the next probe at, as it moves with what each batch size leaves mapped (`MovingLimit`).
-        None elsewhere: the budget holds."""
-        if self._moving is None or self._held_bytes is None:
-            return None
-        return self._moving.now(self._held_bytes)
+    def limit_now(self) -> tuple[int, bool] | None:
+        """In live tensor bytes: the budget; under a limit on the process's own mappings, the
+        limit to aim the next probe at, as it moves with what each batch size leaves mapped
+        (`MovingLimit`)."""
+        budget = self.budget_bytes
+        if self._moving is not None and self._held_bytes is not None:
+            moving = self._moving.now(self._held_bytes)
+            below = budget is None or self.budget_is_default or moving is None or moving < budget
+            if moving is not None and below:
+                return moving, True
+        return (budget, False) if budget is not None else None
 
     def training_environment(self) -> dict[str, str]:
         """What a training run's environment must say for the figures to hold here (the

@@ -285,7 +285,7 @@ class CudaBackend:
         allocator has reserved and probes reuse."""
         self.free_bytes_at_start = self.available_now()
 
-    def limit_now(self) -> int | None:
+    def limit_now(self) -> tuple[int, bool] | None:
         return None  # the budget, or the free memory the search watches (available_now)
 
     def training_environment(self) -> dict[str, str]:

@@ -165,7 +165,8 @@ def _time(session: Session, run: PlanRun, sizes: list[int], progress: Progress) 
     except KeyboardInterrupt:  # the rows measured so far are kept
         _keep_timings(run, measured, interrupted=True)
         raise
-    _keep_timings(run, measured, moving=session.device.limit_now())
+    now = session.device.limit_now()
+    _keep_timings(run, measured, moving=now[0] if now is not None and now[1] else None)
     waits = [t.cpu_wait for t in run.timings.values() if t.busy and t.cpu_wait is not None]
     if waits and not any(w.startswith(_BUSY) for w in run.warnings):
         run.warnings.append(
