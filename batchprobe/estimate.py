@@ -105,13 +105,19 @@ class Tracer:
             self.workload, spec.train, torch.device("cpu"), fake=True, optimizer_defaults=defaults
         )
         self._points: dict[int, EstimatePoint] = {}
+        self._primed: dict[int, EstimatePoint] = {}
 
-    def trace(self, batch_size: int, deadline: float | None = None) -> EstimatePoint:
+    def trace(
+        self, batch_size: int, deadline: float | None = None, primed: bool = False
+    ) -> EstimatePoint:
         """Peak of `steps` traced training steps at `batch_size` (each size traced once). Past
-        `deadline` (time.perf_counter), raises OutOfTime."""
-        if batch_size not in self._points:
-            self._points[batch_size] = self._trace(batch_size, deadline)
-        return self._points[batch_size]
+        `deadline` (time.perf_counter), raises OutOfTime. `primed`: the same peak from the
+        optimizer's state made first and one step (`TrainStep.prime_optimizer`): what a prior
+        needs, at two thirds of the cost; its timeline and explanation are of that one step."""
+        points = self._primed if primed else self._points
+        if batch_size not in points:
+            points[batch_size] = self._trace(batch_size, deadline, primed=primed)
+        return points[batch_size]
 
     def timeline(self, batch_size: int) -> Timeline:
         """Live bytes by kind after each op of the traced steps at `batch_size`, with the phase
@@ -121,7 +127,11 @@ class Tracer:
         return into
 
     def _trace(
-        self, batch_size: int, deadline: float | None, timeline: Timeline | None = None
+        self,
+        batch_size: int,
+        deadline: float | None,
+        timeline: Timeline | None = None,
+        primed: bool = False,
     ) -> EstimatePoint:
         started = time.perf_counter()
         ledger = StorageLedger(round_to=self.allowance.round_to, keep_breakdown=True, by_op={})
@@ -137,7 +147,9 @@ class Tracer:
                 with TrackingMode(ledger, deadline):
                     self.step.begin()
                     batch = self.step.make_batch(batch_size)
-                    for _ in range(self.steps):
+                    if primed:
+                        self.step.prime_optimizer()
+                    for _ in range(1 if primed else self.steps):
                         self.step.train_step(batch)
                     del batch
         except OutOfTime:
@@ -191,14 +203,17 @@ class Tracer:
         def flat(p: EstimatePoint) -> int:
             return a.device_bytes(p.phase_peaks.get("optimizer", 0)) + fixed
 
-        first = self.trace(1, deadline)
+        def trace(b: int, deadline: float | None = None) -> EstimatePoint:
+            return self.trace(b, deadline, primed=True)
+
+        first = trace(1, deadline)
         sizes = [1]
         nxt = max(2, min(cap, int(limit_bytes / max(measured(first), 1)) - 1))
         line = Line(float(measured(first)), 0.0)
         while len(sizes) < self.PRIOR_TRACES and nxt not in sizes:
             sizes.append(nxt)
             (b1, b2) = sizes[-2:]  # a secant step: the last two traced sizes
-            p1, p2 = measured(self.trace(b1, deadline)), measured(self.trace(b2, deadline))
+            p1, p2 = measured(trace(b1, deadline)), measured(trace(b2, deadline))
             line = Line(p2 - (p2 - p1) / (b2 - b1) * b2, (p2 - p1) / (b2 - b1))
             crossing = line.crossing(limit_bytes)
             if crossing is None or (len(sizes) == 2 and crossing <= 4 * b2):
@@ -206,8 +221,8 @@ class Tracer:
             if abs(crossing - b2) <= self.PRIOR_CLOSE * crossing:
                 break
             nxt = max(2, min(crossing, cap))
-        points = tuple((b, measured(self.trace(b))) for b in sizes)
-        last = self.trace(sizes[-1])
+        points = tuple((b, measured(trace(b))) for b in sizes)
+        last = trace(sizes[-1])
         slope = max((flat(last) - flat(first)) / (sizes[-1] - 1), 0.0)
         return Prior(line, Line(flat(first) - slope, slope), points)
 

@@ -287,3 +287,33 @@ def test_estimate_on_this_device_checks_the_trace_with_one_probe() -> None:
         agreed["verify_probe"]["outcome"] == "fit"
         and abs(agreed["trace_check"]["ratio"] - 1) < 0.02
     )
+
+
+PRIMED = [
+    ({"model": {"source": "zoo:mlp", "kwargs": {"hidden": 256}}}, 64),
+    ({"model": {"source": "zoo:cnn"}}, 16),
+    ({"model": {"source": "zoo:gpt", "kwargs": {"n_layer": 2, "n_embd": 64, "n_head": 2}},
+      "train": {"gradient_checkpointing": True}}, 8),
+    ({"model": {"source": "zoo:lstm", "kwargs": {"hidden": 64, "embed": 32}}}, 8),
+    ({"model": {"source": "zoo:encoder", "kwargs": {"n_layer": 2, "d_model": 64}}}, 8),
+    ({"model": {"source": "zoo:mlp", "kwargs": {"hidden": 256}},
+      "train": {"optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}}}, 64),
+    ({"model": {"source": "zoo:gpt", "kwargs": {"n_layer": 2, "n_embd": 64, "n_head": 2}},
+      "train": {"precision": "bf16", "optimizer": {"name": "adam", "lr": 1e-3}}}, 8),
+    ({"model": {"source": "transformers:gpt2", "kwargs": TINY_GPT2}, "inputs": {"seq_len": 32},
+      "train": {"precision": "fp16"}}, 4),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("data, batch_size", PRIMED)
+def test_a_primed_trace_has_the_peaks_of_two_steps(data: dict, batch_size: int) -> None:
+    """The prior's traces make the optimizer's state first and trace one step (a third less
+    work): the peak, the forward/backward peak and the optimizer step's are those of the two
+    steps a probe runs, to the byte."""
+    spec = load_spec(text=json.dumps({**data, "probe": {"device": "cpu"}}))
+    tracer = Tracer(spec, Allowance(), spec.probe.steps)
+    full = tracer.trace(batch_size)
+    primed = tracer.trace(batch_size, primed=True)
+    assert primed.peak_bytes == full.peak_bytes
+    for phase in ("forward", "backward", "optimizer"):
+        assert primed.phase_peaks.get(phase) == full.phase_peaks.get(phase), phase
