@@ -106,14 +106,22 @@ class Tracer:
         )
         self._points: dict[int, EstimatePoint] = {}
         self._primed: dict[int, EstimatePoint] = {}
+        #: the parameters a traced step gave dense gradients to (ids), once a step was traced;
+        #: None: not yet, or one was sparse (then nothing is primed)
+        self._graded: set[int] | None = None
+        self._sparse = False
 
     def trace(
         self, batch_size: int, deadline: float | None = None, primed: bool = False
     ) -> EstimatePoint:
         """Peak of `steps` traced training steps at `batch_size` (each size traced once). Past
         `deadline` (time.perf_counter), raises OutOfTime. `primed`: the same peak from the
-        optimizer's state made first and one step (`TrainStep.prime_optimizer`): what a prior
-        needs, at two thirds of the cost; its timeline and explanation are of that one step."""
+        optimizer's state made first and one step (`TrainStep.prime_optimizer`) — what a prior
+        needs, at two thirds of the cost; its timeline and explanation are of that one step. A
+        size traced in full answers for it; until a step was traced (to learn which parameters
+        get gradients), or where one got a sparse gradient, it is a full trace."""
+        if primed and (batch_size in self._points or self._graded is None):
+            primed = False
         points = self._primed if primed else self._points
         if batch_size not in points:
             points[batch_size] = self._trace(batch_size, deadline, primed=primed)
@@ -148,9 +156,13 @@ class Tracer:
                     self.step.begin()
                     batch = self.step.make_batch(batch_size)
                     if primed:
-                        self.step.prime_optimizer()
+                        assert self._graded is not None
+                        self.step.prime_optimizer(self._graded)
                     for _ in range(1 if primed else self.steps):
-                        self.step.train_step(batch)
+                        self.step.forward_backward(batch)
+                        if self._graded is None and not self._sparse:
+                            self._learn_graded()
+                        self.step.optimizer_step()
                     del batch
         except OutOfTime:
             raise
@@ -171,6 +183,14 @@ class Tracer:
         )
         ledger.close()
         return point
+
+    def _learn_graded(self) -> None:
+        """After a traced backward: which parameters it gave gradients to, for priming."""
+        grads = [(id(p), p.grad) for p in self.step.parameters() if p.grad is not None]
+        if any(g.is_sparse for _, g in grads):
+            self._sparse = True  # zeros would be dense: nothing is primed
+        else:
+            self._graded = {i for i, _ in grads}
 
     #: traces a prior may take, and how close to where its line meets the limit the last one
     #: must be to stop before that (at 1%, a 2-layer GPT took a fourth trace, 0.3 s, that

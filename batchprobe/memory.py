@@ -74,8 +74,8 @@ class StorageLedger:
     #: the first op that failed (ran out of memory or over the budget): its name, the bytes
     #: live before it, and what it asked for when the ledger saw it (the budget's check)
     failed: tuple[str, int, int | None] | None = None
-    #: called when that first failure is recorded, while the op's inputs are still alive (a
-    #: backend that reads what the host counted then)
+    #: called when that first failure is the op's own (not the budget's), while its inputs are
+    #: still alive: a backend reads what the host counted then
     on_failure: Callable[[], object] | None = None
     #: bytes each op's outputs took, summed over the region (when asked for)
     by_op: dict[str, int] | None = None
@@ -327,6 +327,14 @@ class TrackingMode(TorchDispatchMode):
         before = ledger.live_bytes
         try:
             out = func(*args, **(kwargs or {}))
+        except Exception:  # the op itself failed (its allocator, a library): the ledger saw none
+            if ledger.failed is None:
+                ledger.failed = (_op_name(func), before, None)
+                if ledger.on_failure is not None:
+                    with contextlib.suppress(Exception):  # never instead of the op's own error
+                        ledger.on_failure()
+            raise
+        try:
             name, module = "", None
             if ledger.scope is not None:
                 name = _op_name(func)
@@ -335,13 +343,10 @@ class TrackingMode(TorchDispatchMode):
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
                     ledger.see(t, op=name, module=module)
-        except Exception:
+        except Exception:  # over the budget: the ledger saw what the op made
             if ledger.failed is None:
                 request = ledger.live_bytes - before if ledger.live_bytes > before else None
                 ledger.failed = (_op_name(func), before, request)
-                if ledger.on_failure is not None:
-                    with contextlib.suppress(Exception):  # never instead of the op's own error
-                        ledger.on_failure()
             raise
         if ledger.by_op is not None and ledger.live_bytes > before:
             name = name or _op_name(func)

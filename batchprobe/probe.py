@@ -420,7 +420,14 @@ def drive(
         while True:
             earlier = known.get(b) if known is not None else None
             if earlier is not None:
-                result = replace(earlier, reused=True, seconds=0.0)
+                # its reading of the limit is of another time: none
+                result = replace(
+                    earlier,
+                    reused=True,
+                    seconds=0.0,
+                    limit_after_bytes=None,
+                    limit_moves_with_probes=False,
+                )
             else:
                 if progress is not None:
                     progress.probe_started(b)

@@ -222,6 +222,7 @@ class Dist:
             result.reserved_bytes or 0,
             (result.live_bytes, result.need_bytes, result.failed_op),
             result.flat_bytes or 0,
+            (result.limit_after_bytes, result.limit_moves_with_probes),
         )
         everyone: list[Any] = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=self.control)
@@ -245,6 +246,8 @@ class Dist:
             live_bytes=worst[5][0],
             need_bytes=worst[5][1],
             failed_op=worst[5][2],
+            # every rank's search must be told the same: the smallest limit any rank read
+            **_agreed_limit([e[7] for e in everyone]),
         )
         if outcome is not Outcome.FIT and synced:
             self.renew_data_group()
@@ -357,6 +360,18 @@ def _depths(model: nn.Module) -> list[tuple[int, nn.Module]]:
 
     walk(model, 0)
     return out
+
+
+def _agreed_limit(readings: list[tuple[int | None, bool]]) -> dict[str, Any]:
+    """The limit every rank is told after a probe: the smallest any rank read (each reads its
+    own: its budget, the room its process has), moving with the probes if any rank's does; none
+    if a rank could not read one."""
+    if any(limit is None for limit, _ in readings):
+        return {"limit_after_bytes": None, "limit_moves_with_probes": False}
+    return {
+        "limit_after_bytes": min(limit for limit, _ in readings if limit is not None),
+        "limit_moves_with_probes": any(moves for _, moves in readings),
+    }
 
 
 def _is_peer_failure(failure: dict[str, Any]) -> bool:

@@ -156,6 +156,8 @@ class ProbeResult:
             d["need_bytes"] = self.need_bytes
         if self.limit_after_bytes is not None:
             d["limit_after_bytes"] = self.limit_after_bytes
+            if self.limit_moves_with_probes:
+                d["limit_moves_with_probes"] = True
         if self.failed_op is not None:
             d["failed_op"] = self.failed_op
         if self.isolated:

@@ -165,10 +165,16 @@ class _Knowledge:
         self.floor = 0  # the limit is at least this (peaks that fit, bytes live at a failure)
         self.trust_prior = prior is not None  # until the line it gave missed
         self.current: int | None = None  # the limit as the device last measured it
+        #: the limit the device read fell (not by what probes map): to this
+        self.fell_to: int | None = None
 
     def add(self, b: int, obs: Observation) -> None:
+        self.fell_to = None
         if obs.limit_bytes is not None:
+            before = self.current if self.current is not None else self.configured
             self.current = obs.limit_bytes
+            if not obs.limit_moves_with_probes and obs.limit_bytes < before:
+                self.fell_to = obs.limit_bytes
         if obs.outcome is Outcome.FIT and obs.peak_bytes:
             line = obs.line_bytes if obs.line_bytes is not None else obs.peak_bytes
             self.fits[b] = line
@@ -380,10 +386,10 @@ def learned(
         done = br.record(b, obs)
         if obs.outcome is Outcome.ERROR:
             return
-        if obs.limit_bytes is not None and not obs.limit_moves_with_probes and br.lo:
-            # the device read a limit below what the largest fit used (a budget another layer
-            # lowered): it no longer fits, and the search goes on below it (`voided`)
-            still = [fb for fb, peak in k.peaks.items() if peak <= obs.limit_bytes]
+        if k.fell_to is not None and br.lo:
+            # the limit the device read fell below what the largest fit used (a budget another
+            # layer lowered): it no longer fits, and the search goes on below it (`voided`)
+            still = [fb for fb, peak in k.peaks.items() if peak <= k.fell_to]
             if br.lo not in still:
                 br.lo = max(still, default=0)
                 done = br.hi is not None and br.hi - br.lo <= 1
@@ -402,7 +408,7 @@ def learned(
                 b, expect = lo + 1, Outcome.OOM
             else:
                 b, expect = max(around[1], k.safe_jump(lo)), Outcome.FIT
-            b = min(b, cap)
+            b = min(max(b, lo + 1), cap)  # above what fit (lo may have been voided to 0)
             continue
         low, high = (max(around[0], lo), min(around[1], hi - 1)) if around else (1, 0)
         # the model's last probe missed: a size it said fits did not (or the reverse), or the
@@ -450,19 +456,27 @@ def limit_fell(
     return None
 
 
-def voided(observations: Sequence[tuple[int, Observation]]) -> set[int]:
-    """Fits (their indices) that a later reading of the limit no longer allows: the device said
-    the limit fell below what they used (a budget another layer lowered), not because of what
-    the probes themselves map. They are no part of the answer."""
+def voided(
+    observations: Sequence[tuple[int, Observation]], limit_bytes: int | None = None
+) -> set[int]:
+    """Fits (their indices) that the limit, as the device read it after them, fell below: it
+    went down from the limit the search was told (`limit_bytes`) or from an earlier reading (a
+    budget another layer lowered; not what the probes themselves map) to less than they used.
+    They are no part of the answer. A fit above a reading that did not fall (under torchrun
+    the peaks are the largest and the limit the smallest of all ranks) stands."""
     out: set[int] = set()
-    lowest: int | None = None  # the lowest reading after each fit, scanning back
-    for i in range(len(observations) - 1, -1, -1):
-        _, obs = observations[i]
-        peak = obs.peak_bytes
-        if obs.outcome is Outcome.FIT and peak and lowest is not None and peak > lowest:
-            out.add(i)
-        if obs.limit_bytes is not None and not obs.limit_moves_with_probes:
-            lowest = obs.limit_bytes if lowest is None else min(lowest, obs.limit_bytes)
+    reading: int | None = limit_bytes
+    for i, (_, obs) in enumerate(observations):
+        limit = obs.limit_bytes
+        if limit is None or obs.limit_moves_with_probes:
+            continue
+        if reading is not None and limit < reading:  # it fell, by this probe's end at least
+            out |= {
+                j
+                for j, (_, o) in enumerate(observations[: i + 1])
+                if o.outcome is Outcome.FIT and (o.peak_bytes or 0) > limit
+            }
+        reading = limit
     return out
 
 
@@ -580,12 +594,17 @@ class SearchResult:
 
 
 def summarize(
-    probes: Sequence[tuple[int, Observation]], cap: int, *, interrupted: bool = False
+    probes: Sequence[tuple[int, Observation]],
+    cap: int,
+    *,
+    interrupted: bool = False,
+    limit_bytes: int | None = None,
 ) -> SearchResult:
     """The result implied by a list of probes (complete or not). A size tried more than once
     (the device changed under the search) counts as its latest outcome; a fit that a later
-    reading of the limit no longer allows (`voided`) is no fit of the result."""
-    void = voided(probes)
+    reading of the limit no longer allows (`voided`: the search was told `limit_bytes`) is no
+    fit of the result."""
+    void = voided(probes, limit_bytes)
     latest = {b: o.outcome for i, (b, o) in enumerate(probes) if i not in void}
     fit_sizes = [b for b, o in latest.items() if o is Outcome.FIT]
     failed = {b for b, o in latest.items() if o is not Outcome.FIT}
@@ -627,7 +646,7 @@ def search(
             b = gen.send(obs)
     except StopIteration:
         pass
-    return summarize(probes, cap)
+    return summarize(probes, cap, limit_bytes=limit_bytes)
 
 
 def _as_observation(value: Observation | Outcome | bool) -> Observation:

@@ -76,6 +76,7 @@ class Session:
     warm: ProbeResult | None = None
     _tracer: Tracer | None = field(default=None, repr=False)
     _trace_error: TraceError | None = field(default=None, repr=False)
+    _traced: bool = field(default=False, repr=False)  # a search has traced for its prior
 
     @property
     def isolated(self) -> bool:
@@ -162,11 +163,13 @@ class Session:
                 prior, why = self.prior(limit)
                 ctx = dataclasses.replace(ctx, prior=prior)
                 notes += [why] if why else []
-                if not isinstance(self.backend, DeviceView):
-                    # tracing loads code of its own (and, under an rlimit, maps it where the
-                    # probes' tensors would go): what is free to the probes is read again
+                if not self._traced and not isinstance(self.backend, DeviceView):
+                    self._traced = True
+                    # the first trace loads code of its own (under an rlimit, mapped where the
+                    # probes' tensors would go): what is free to the probes is read again, once
                     self.backend.settle()
-                    ctx = dataclasses.replace(ctx, limit_bytes=limit_bytes or self.limit_bytes)
+                    limit = limit_bytes or self.limit_bytes
+                    ctx = dataclasses.replace(ctx, limit_bytes=limit)
             if chosen.usable(ctx):
                 break
         traced = time.perf_counter() - started
@@ -178,10 +181,11 @@ class Session:
         done = drive(
             chosen.make(ctx), watch, limit_bytes=limit_bytes, known=known, progress=progress
         )
-        watch.void = voided(done.observations)  # fits the device said no longer fit
+        told = ctx.limit_bytes
+        watch.void = voided(done.observations, told)  # fits the device said no longer fit
         notes += watch.recheck(done, ctx, limit_bytes, progress)
         counted = [o for i, o in enumerate(done.observations) if i not in watch.void]
-        summary = summarize(counted, ctx.cap, interrupted=done.interrupted)
+        summary = summarize(counted, ctx.cap, interrupted=done.interrupted, limit_bytes=told)
         return FindMaxResult(
             search=summary,
             probes=done.probes,
@@ -389,7 +393,8 @@ class _RoomWatch:
         if best is None or best >= fell_at:
             return notes  # the answer was found after the fall
         size, seen = done.observations[best]
-        if proven is not None and seen.peak_bytes is not None and seen.peak_bytes > proven:
+        unprobed = proven is not None and (seen.peak_bytes or 0) > proven
+        if proven is not None and unprobed:
             # what failed since proves it no longer fits (memory at a size does not change):
             # no probe to learn that again; the fits it voids are no part of the answer
             self.void |= {
@@ -415,7 +420,7 @@ class _RoomWatch:
             done.probes += rest.probes
             done.observations += rest.observations
             fits_below = [b for b, o in rest.observations if o.outcome is Outcome.FIT]
-            if self.void and not rest.interrupted and max(fits_below, default=0) == size - 1:
+            if unprobed and not rest.interrupted and max(fits_below, default=0) == size - 1:
                 # the answer is next to a size known not to fit only from bytes: tried, so
                 # that max + 1 is a tested size as every answer's is
                 last = drive(iter_once(size), self, limit_bytes=limit_bytes, progress=progress)

@@ -201,15 +201,16 @@ class TrainStep:
         self.forward_backward(batch)
         self.optimizer_step()
 
-    def prime_optimizer(self) -> None:
-        """The optimizer's first step without a forward: gradients of zeros, `step()` (which
-        creates its state as the first real step would), `zero_grad`. A step after it runs as a
-        second step does, with the state in memory: one traced step then shows the peak of two
-        (a trace for the search's prior, at two thirds of the cost). Weight decay moves the
-        weights: for fake tensors only."""
+    def prime_optimizer(self, graded: set[int]) -> None:
+        """The optimizer's first step without a forward: gradients of zeros for the parameters
+        a step gives gradients to (`graded`, their ids: an unused head gets none, and no state),
+        `step()` (which creates the state as the first real step would), `zero_grad`. A step
+        after it runs as a second step does, with the state in memory: one traced step then
+        shows the peak of two (a trace for the search's prior, at two thirds of the cost).
+        Weight decay moves the weights: for fake tensors only."""
         assert self.fake, "priming moves the weights: traces only"
         for p in self.parameters():
-            if p.requires_grad:
+            if id(p) in graded:
                 p.grad = torch.zeros_like(p)
         if self.observer is not None:
             self.observer.mark(

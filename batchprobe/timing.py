@@ -83,19 +83,33 @@ def low_quantile(values: Sequence[float]) -> float:
 
 
 class _Sizes:
-    """Per size: its batch, the timed marks so far, and how it failed."""
+    """Per size: the timed marks so far, and how it failed; the batch of the size being run."""
 
-    def __init__(self, sizes: Sequence[int]) -> None:
+    def __init__(self, sizes: Sequence[int], make: Callable[[int], Batch]) -> None:
         self.order = list(sizes)
-        self.batches: dict[int, Batch] = {}
+        self.make = make
+        self.started: set[int] = set()
         self.warmup: dict[int, int] = {}
         self.marks: dict[int, list[tuple[Any, Any, Any]]] = {b: [] for b in sizes}
         self.failed: dict[int, Failure] = {}
         self.nosync: dict[int, float] = {}
         self.waits: dict[int, CpuWait] = {b: CpuWait() for b in sizes}
+        self._batch: tuple[int, Batch] | None = None
+
+    def batch(self, b: int) -> Batch:
+        """The batch of size `b`, made when the sizes change. One batch is alive at a time: a
+        probe measured each size with its own batch only, and the max has no room for the
+        others' (an MLP's 26 MiB batches of 8400 samples and below took what the max needed)."""
+        if self._batch is None or self._batch[0] != b:
+            self._batch = None  # the last size's batch goes first
+            self._batch = (b, self.make(b))
+        return self._batch[1]
+
+    def drop(self) -> None:
+        self._batch = None
 
     def alive(self) -> list[int]:
-        return [b for b in self.order if b in self.batches and b not in self.failed]
+        return [b for b in self.order if b in self.started and b not in self.failed]
 
 
 def time_sizes(
@@ -138,7 +152,7 @@ def time_sizes(
     KeyboardInterrupt is then raised again)."""
     together = any_rank or (lambda *flags: flags)
     out: dict[int, StepTiming | Failure] = {} if into is None else into
-    state = _Sizes(sizes)
+    state = _Sizes(sizes, step.make_batch)
     guarded = _Guarded()
 
     def span(run: Callable[[], object]) -> tuple[Any, Any]:
@@ -160,6 +174,7 @@ def time_sizes(
             Outcome.ERROR, "error", PEER_FAILURE, "a step failed on another rank"
         )
         guarded.failure = None
+        state.drop()
         step.end()
         state.failed[b] = out[b] = agree_failure(failure) if agree_failure else failure
         step.begin()
@@ -170,8 +185,9 @@ def time_sizes(
         (go_on,) = together(count > 0)
         done = 0
         while go_on:
+            batch = guarded(functools.partial(state.batch, b))  # made before the wait counts
             state.waits[b].start()
-            marked = guarded(lambda: full(state.batches[b]))
+            marked = guarded(functools.partial(full, batch)) if batch is not None else None
             state.waits[b].stop()
             if marked is not None:
                 state.marks[b].append(marked)
@@ -182,12 +198,14 @@ def time_sizes(
                 return False
         return True
 
+    def timed(batch: Batch) -> float:
+        return float(backend.elapsed_s(*span(lambda: step.train_step(batch))))
+
     def warm_up(b: int) -> bool:
         times: list[float] = []
         while len(times) < max_warmup:
-            elapsed = guarded(
-                lambda: backend.elapsed_s(*span(lambda: step.train_step(state.batches[b])))
-            )
+            batch = guarded(functools.partial(state.batch, b))  # made outside the span
+            elapsed = guarded(functools.partial(timed, batch)) if batch is not None else None
             if elapsed is not None:
                 times.append(elapsed)
             falling = len(times) < min_warmup or times[-1] < 0.97 * min(times[:-1])
@@ -206,13 +224,13 @@ def time_sizes(
         for i, b in enumerate(state.order, 1):
             if on_size is not None:
                 on_size(b, i, len(state.order))
-            made = guarded(functools.partial(step.make_batch, b))
-            (failed,) = together(made is None)
+            # (not kept here: a batch bound to a name outlives the size's turn)
+            made = guarded(functools.partial(state.batch, b)) is not None
+            (failed,) = together(not made)
             if failed:
                 fail(b)
                 continue
-            assert made is not None
-            state.batches[b] = made
+            state.started.add(b)
             if warm_up(b) and burst(b, FIRST_STEPS):
                 out[b] = _summary(backend, b, state)
         # -- rounds over all sizes, then once more for those still unstable
@@ -250,6 +268,7 @@ def time_sizes(
                 out[b] = _summary(backend, b, state)
         raise
     finally:
+        state.drop()
         step.end()
 
 
@@ -278,10 +297,11 @@ def _time_nosync(
 
     def accumulate() -> list[tuple[Any, Any]]:
         pairs = []
+        batch = state.batch(b)
         with step.no_sync():
             for _ in range(min(len(state.marks[b]), NOSYNC_STEPS)):
                 start = backend.mark()
-                step.forward_backward(state.batches[b])
+                step.forward_backward(batch)
                 pairs.append((start, backend.mark()))
         step.optimizer_step()  # clear the accumulated gradients
         backend.synchronize()

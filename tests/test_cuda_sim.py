@@ -22,7 +22,7 @@ from batchprobe.flows.progress import Progress
 from batchprobe.gpus import lookup
 from batchprobe.isolate import IsolatedProber
 from batchprobe.probe import run_probe
-from batchprobe.results import Allowance
+from batchprobe.results import Allowance, Failure
 from batchprobe.search import Outcome
 from batchprobe.session import Session, open_session
 from batchprobe.spec import EstimateSpec, load_spec
@@ -291,3 +291,20 @@ def test_memory_taken_by_another_process_mid_search_is_noticed(tmp_path: Path) -
         # the answer holds for the device as it is now
         assert run_probe(s.step, s.device, best).outcome is Outcome.FIT
         assert run_probe(s.step, s.device, best + 1).outcome is not Outcome.FIT
+
+
+def test_the_max_is_timed_with_only_its_own_batch_alive(gpu) -> None:
+    """A plan times every candidate after the search. Each probe measured its size with its own
+    batch alone; timing held every size's batch at once, and on a GPU with the max's room and
+    no more, the max then failed when timed ("fit when probed but hit oom while timed")."""
+    s = _session(
+        "zoo:mlp",
+        model={"kwargs": {"in_features": 4096, "hidden": 256, "depth": 2}},
+        probe={"memory_budget": "96MiB"},
+    )
+    best = s.search().max_batch_size
+    assert best is not None and best > 64
+    sizes = [1, 2, 4, 8, 16, 32, 64, best]
+    timed = s.time(sizes)
+    failed = {b: t.message for b, t in timed.items() if isinstance(t, Failure)}
+    assert not failed, failed

@@ -302,6 +302,8 @@ PRIMED = [
       "train": {"precision": "bf16", "optimizer": {"name": "adam", "lr": 1e-3}}}, 8),
     ({"model": {"source": "transformers:gpt2", "kwargs": TINY_GPT2}, "inputs": {"seq_len": 32},
       "train": {"precision": "fp16"}}, 4),
+    ({"model": {"source": "user_models:unused_head"},
+      "inputs": {"kind": "tensor", "shape": [16], "num_classes": 4}}, 32),
 ]  # fmt: skip
 
 
@@ -309,11 +311,14 @@ PRIMED = [
 def test_a_primed_trace_has_the_peaks_of_two_steps(data: dict, batch_size: int) -> None:
     """The prior's traces make the optimizer's state first and trace one step (a third less
     work): the peak, the forward/backward peak and the optimizer step's are those of the two
-    steps a probe runs, to the byte."""
+    steps a probe runs, to the byte — a head the forward never uses included (primed with
+    gradients for every parameter, it took 1 MiB of optimizer state no step makes)."""
     spec = load_spec(text=json.dumps({**data, "probe": {"device": "cpu"}}))
+    full = Tracer(spec, Allowance(), spec.probe.steps).trace(batch_size)
     tracer = Tracer(spec, Allowance(), spec.probe.steps)
-    full = tracer.trace(batch_size)
+    tracer.trace(1)  # a traced step says which parameters get gradients (a prior's first trace)
     primed = tracer.trace(batch_size, primed=True)
+    assert batch_size not in tracer._points  # traced primed indeed
     assert primed.peak_bytes == full.peak_bytes
     for phase in ("forward", "backward", "optimizer"):
         assert primed.phase_peaks.get(phase) == full.phase_peaks.get(phase), phase

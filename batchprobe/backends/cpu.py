@@ -240,12 +240,17 @@ class CpuBackend:
         meter = CpuMeter(ledger, self.limit if self.host_limited else None)
         if self._moving is not None:
             self._moving.started(meter.counted_at_start)
+        failed = False
         try:
             with scope, TrackingMode(ledger):
                 yield meter
+        except BaseException:
+            failed = True
+            raise
         finally:
             if self._moving is not None:
-                self._moving.ended(meter.limit_at_failure)
+                # a failure the steps caught themselves measured nothing of the probe's end
+                self._moving.ended(meter.limit_at_failure if failed else None)
             meter.figures.peak_bytes = ledger.peak_bytes
             meter.figures.phase_peaks = dict(ledger.phase_peaks)
             meter.figures.op_bytes = dict(ledger.by_op or {})

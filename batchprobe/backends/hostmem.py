@@ -344,6 +344,10 @@ def training_environment() -> dict[str, str]:
     return env
 
 
+#: room under an rlimit below which an interpreter that cannot allocate is out of it
+NO_ROOM_BYTES = 1024**3
+
+
 def out_of_room(exc: BaseException, proc: str = "/proc") -> str | None:
     """What to tell the user when `exc` is this process running out of room under an rlimit
     before anything was measured — torch's libraries could not be mapped ("failed to map
@@ -361,6 +365,8 @@ def out_of_room(exc: BaseException, proc: str = "/proc") -> str | None:
     if not rlimits:
         return None
     limit = min(rlimits, key=lambda x: x.headroom_bytes)
+    if limit.headroom_bytes > max(NO_ROOM_BYTES, limit.limit_bytes // 4):
+        return None  # room enough: not the limit's doing (a bug keeps its traceback)
     what = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     gib = 1024**3
     return (
