@@ -130,6 +130,10 @@ def classify(exc: BaseException, host_limited: bool = False) -> Failure:
     return Failure(Outcome.ERROR, "error", name, message, _format(exc))
 
 
+#: the segments PyTorch's caching allocator takes for pooled blocks (its OOM message's "Tried to
+#: allocate" is the segment): 2 MiB for blocks up to 1 MiB, 20 MiB for those up to 10 MiB; a
+#: larger block gets its own segment, its size rounded up to 2 MiB
+POOLED_SEGMENTS = frozenset({2 * 1024**2, 20 * 1024**2})
 _SIZE = r"(\d+(?:\.\d+)?)\s*(bytes|[KMGTP]i?B|B)\b"
 _REQUEST_RE = re.compile(r"tried to allocate (?:more than )?" + _SIZE, re.IGNORECASE)
 _ALLOCATED_RE = re.compile(_SIZE + r" is allocated by PyTorch", re.IGNORECASE)
@@ -157,7 +161,11 @@ def failed_allocation(text: str, meter: Meter | None) -> tuple[int | None, int |
         request = seen if seen is not None else request
         return live, (live + request if request is not None else None), op
     allocated = _size(_ALLOCATED_RE.search(text))
-    if allocated is None or request is None:
+    if allocated is None or request is None or request in POOLED_SEGMENTS:
+        # a caching allocator names the segment it asked the device for, not the block: a
+        # pooled segment (2 MiB for blocks up to 1 MiB, 20 MiB up to 10 MiB) says only that the
+        # block was smaller, and live plus 20 MiB overstated what a size needs by up to 19 MiB
+        # (the search then steepened its line on it and walked: 24 probes on a simulated GPU)
         return allocated, None, None
     return allocated, allocated + request, None
 

@@ -102,9 +102,13 @@ class ProbeResult:
         under, e.g. plan's headroom), a completed probe whose peak is above it did not fit."""
         moving, own = self.limit_after_bytes, self.limit_moves_with_probes
         if self.outcome is not Outcome.FIT:
+            # what a caching allocator held when it failed is no floor on the peaks that fit:
+            # its free blocks may sit in segments no request of the size fits in (a simulated
+            # GPU's search walked down from it, 23 probes where doubling took 25)
+            caching = self.failure is not None and self.failure.kind == "allocator"
             return Observation(
                 self.outcome,
-                live_bytes=self.live_bytes,
+                live_bytes=None if caching else self.live_bytes,
                 need_bytes=self.need_bytes,
                 limit_bytes=moving,
                 limit_moves_with_probes=own,

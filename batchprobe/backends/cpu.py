@@ -190,8 +190,7 @@ class CpuBackend:
             "cpu_threads": torch.get_num_threads(),
             "ram_available_bytes": available_ram_bytes(),
             "mkl_buffer_cache": mkl_buffer_cache(),
-            # fixed under an rlimit (every step then unmaps what it frees); null: glibc's own,
-            # which rises with large frees up to 32 MiB
+            # fixed under an rlimit; null: glibc's own (it rises with large frees, to 32 MiB)
             "malloc_mmap_threshold": mmap_threshold()[0] if address_space_limited() else None,
         }
 
@@ -210,9 +209,7 @@ class CpuBackend:
                 "mkl_buffer_cache": mkl_buffer_cache(),
                 "malloc_mmap_threshold": self.mmap_threshold,
                 "training_environment": self.training_environment(),
-                # the environment batchprobe started in already says so: a run started from it
-                # gets it too
-                "training_environment_inherited": mmap_threshold()[1],
+                "training_environment_inherited": mmap_threshold()[1],  # a run from here has it
             },
         )
 
