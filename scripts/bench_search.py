@@ -2,7 +2,7 @@
 """Benchmark: real probes and wall time of each find-max strategy, and the boundary each finds.
 
     python scripts/bench_search.py            # all cases (a few minutes on 2 CPU cores)
-    python scripts/bench_search.py --quick    # one case under the address-space limit
+    python scripts/bench_search.py --quick    # two cases under the address-space limit
     python scripts/bench_search.py --lightning-only
 
 Part 1 runs every strategy (doubling, predict, estimate) on the CPU backend for several models
@@ -371,7 +371,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--quick", action="store_true", help="one case under the address-space limit"
+        "--quick", action="store_true", help="two cases under the address-space limit"
     )
     parser.add_argument("--lightning-only", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the figures here")
