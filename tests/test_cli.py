@@ -407,3 +407,36 @@ def test_a_shape_error_is_told_once_with_an_unbroken_traceback() -> None:
     frames = [line for line in err.splitlines() if line.strip().startswith('File "')]
     assert frames and all('", line ' in line for line in frames)  # each frame on one line
     assert any("module.py" in line and len(line) > 80 for line in frames)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        "model.kwargs={d_model: 30, n_head: 4}",  # the constructor asserts
+        "model.kwargs={hidden: -4}",  # torch refuses a negative size
+    ],
+)
+def test_a_model_that_fails_to_build_is_bad_input_naming_the_key(kwargs: str) -> None:
+    """A constructor that raises (an AssertionError, a RuntimeError) is the spec's kwargs at
+    fault: exit 2 naming `model.kwargs`, not a traceback and exit 1."""
+    model = "zoo:encoder" if "d_model" in kwargs else "zoo:mlp"
+    result = run("find-max", "--model", model, "--set", kwargs, "--device", "cpu", "--json")
+    assert result.exit_code == 2, result.output
+    assert "model.kwargs" in result.stderr
+    assert json.loads(result.stdout)["error"]["exit_code"] == 2
+
+
+def test_the_timing_line_agrees_with_its_parts() -> None:
+    """The line said samples/s from a quartile of the step totals, beside a fwd+bwd and an
+    optimizer time whose sum (what the table and the JSON's step_time_s use) said another."""
+    from rich.console import Console
+
+    from batchprobe.cli.progress import LiveProgress
+    from batchprobe.results import StepTiming
+
+    console = Console(width=120, record=True, color_system=None)
+    timing = StepTiming(96, 1.21, 0.073, step_s=1.587, spread=0.01, warmup_steps=1, timed_steps=5)
+    with LiveProgress(console, None) as progress:
+        progress.timed(96, timing)
+    line = console.export_text()
+    assert "74.8 samples/s" in line, line

@@ -399,3 +399,44 @@ def test_the_max_found_under_an_address_space_limit_trains_in_a_fresh_process(
     model = RELU_MLP if which == "relu" else GELU_MLP
     ran = _child(FRESH_RUN, json.dumps(model), ROOM, got["max"], env=got["environment"])
     assert ran == "fit", (got["max"], ran)
+
+
+OUT_OF_ROOM = textwrap.dedent(
+    """
+    import json, resource
+    from batchprobe.backends.hostmem import out_of_room
+
+    vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize"))
+    resource.setrlimit(resource.RLIMIT_AS, (vm + 256 * 2**20, resource.RLIM_INFINITY))
+    # numpy's ImportError: advice first, the loader's words last and in its cause
+    cause = ImportError("libopenblas.so: failed to map segment from shared object")
+    numpy_style = ImportError(
+        "\\n\\nIMPORTANT: PLEASE READ THIS FOR ADVICE ON HOW TO SOLVE THIS ISSUE!\\n\\n"
+        "Importing the numpy C-extensions failed.\\n" "Original error was: " + str(cause)
+    )
+    numpy_style.__cause__ = cause
+    host = RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate "
+        "memory: you tried to allocate 4194304 bytes. Error code 12 (Cannot allocate memory)"
+    )
+    bug = RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)")
+    print(json.dumps([out_of_room(e) for e in (numpy_style, host, bug)]))
+    """
+)
+
+
+def test_no_room_is_recognised_in_every_form_a_load_or_build_fails_in() -> None:
+    """Under a tight rlimit, numpy's ImportError (its advice text first, the loader's "failed to
+    map segment" at the end) and a model's constructor failing in the host allocator escaped as
+    tracebacks with exit 1. Both are no room (exit 3); a bug is still a bug."""
+    if resource.getrlimit(resource.RLIMIT_AS)[1] != resource.RLIM_INFINITY:
+        pytest.skip("this process runs under a hard address-space limit")
+    out = subprocess.run(
+        [sys.executable, "-c", OUT_OF_ROOM], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    numpy_style, host, bug = json.loads(out.stdout.strip().splitlines()[-1])
+    assert numpy_style is not None and "failed to map segment" in numpy_style
+    assert host is not None and "can't allocate memory" in host
+    assert "RLIMIT_AS" in numpy_style and "RLIMIT_AS" in host
+    assert bug is None

@@ -351,15 +351,13 @@ NO_ROOM_BYTES = 1024**3
 def out_of_room(exc: BaseException, proc: str = "/proc") -> str | None:
     """What to tell the user when `exc` is this process running out of room under an rlimit
     before anything was measured — torch's libraries could not be mapped ("failed to map
-    segment"), the interpreter could not allocate (MemoryError, or CPython's "error return
-    without exception set") — naming the limit and what is mapped already; None for anything
-    else, and where no rlimit holds (then it is no limit of the user's)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    lowered = text.lower()
-    mapped = isinstance(exc, ImportError) and (
-        "failed to map segment" in lowered or "cannot allocate memory" in lowered
-    )
-    if not (mapped or isinstance(exc, (MemoryError, SystemError))):
+    segment", also where numpy wraps it in its advice), the interpreter could not allocate
+    (MemoryError, or CPython's "error return without exception set"), building the model failed
+    in the host allocator ("can't allocate memory") — naming the limit and what is mapped
+    already; None for anything else, and where no rlimit holds (then it is no limit of the
+    user's)."""
+    said = _no_room_words(exc)
+    if said is None:
         return None
     rlimits = [x for x in host_limits(proc) if x.catchable]
     if not rlimits:
@@ -367,7 +365,7 @@ def out_of_room(exc: BaseException, proc: str = "/proc") -> str | None:
     limit = min(rlimits, key=lambda x: x.headroom_bytes)
     if limit.headroom_bytes > max(NO_ROOM_BYTES, limit.limit_bytes // 4):
         return None  # room enough: not the limit's doing (a bug keeps its traceback)
-    what = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    what = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
     gib = 1024**3
     return (
         f"out of memory under {limit.label.split(' less ')[0]} before anything was measured "
@@ -375,6 +373,26 @@ def out_of_room(exc: BaseException, proc: str = "/proc") -> str | None:
         f"{limit.used_bytes / gib:.2f} GiB of it already (torch's libraries, the model). "
         "Raise or lift the limit (ulimit -v, prlimit --as)."
     )
+
+
+#: what a loader or an allocator says when the room ran out, in an exception's text
+_NO_ROOM_MARKERS = ("failed to map segment", "cannot allocate memory", "can't allocate memory")
+
+
+def _no_room_words(exc: BaseException) -> str | None:
+    """The line of `exc` (or of what caused it) that says the room ran out: "" for a bare
+    MemoryError or SystemError, None when nothing does."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # the exception, its cause or context, theirs
+        if seen is None:
+            break
+        for line in str(seen).splitlines():
+            if any(m in line.lower() for m in _NO_ROOM_MARKERS):
+                return line.strip()
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(exc, (MemoryError, SystemError)):
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return None
 
 
 def mkl_buffer_cache() -> str:

@@ -93,8 +93,9 @@ def handled(out: Out, command: str, output: Path | None = None) -> Iterator[None
         yield
     except BatchprobeError as exc:
         fail(out, command, exc)
-    except (ImportError, MemoryError, SystemError) as exc:
-        # under an rlimit, loading torch or the warm-up may find no room: say so, no traceback
+    except (ImportError, MemoryError, SystemError, RuntimeError) as exc:
+        # under an rlimit, loading torch, building the model or the warm-up may find no room:
+        # say so, no traceback (anything else keeps its traceback)
         from batchprobe.backends.hostmem import out_of_room
 
         told = out_of_room(exc)

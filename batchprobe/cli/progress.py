@@ -125,7 +125,7 @@ class LiveProgress(Progress):
         self._line(
             f"  micro-batch {batch_size}: fwd+bwd {format_seconds(timing.fwd_bwd_s)}, optimizer "
             f"{format_seconds(timing.optimizer_s)}, "
-            f"{format_count(batch_size / timing.step_s)} samples/s per step"
+            f"{format_count(batch_size / (timing.fwd_bwd_s + timing.optimizer_s))} samples/s per step"
             + ("  (unstable)" if timing.unstable else "")
         )
 

@@ -76,8 +76,23 @@ def call_factory(factory: Callable[..., Any], kwargs: Mapping[str, Any], what: s
         pass  # no signature available (builtins); let the call decide
     try:
         return factory(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise SpecError([Problem("model.kwargs", f"{what}: {exc}")]) from None
+    except Exception as exc:
+        if _out_of_memory(exc):
+            raise  # the host's or the device's doing, not the spec's: said as such above
+        text = str(exc) or type(exc).__name__
+        raise SpecError([Problem("model.kwargs", f"{what}: {text}")]) from None
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A constructor that ran out of memory (torch's OutOfMemoryError, the host allocator's
+    "can't allocate memory", MemoryError) failed for want of room, not for its arguments."""
+    text = str(exc).lower()
+    return (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
+        or "can't allocate memory" in text
+        or "out of memory" in text
+    )
 
 
 def unknown_name(what: str, name: str, known: list[str], prefix: str = "") -> SpecError:
