@@ -22,13 +22,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from batchprobe.errors import ModelError
+from batchprobe.errors import Problem, SpecError
 from batchprobe.memory import ModuleScope, OutOfTime, StorageLedger, TrackingMode
 from batchprobe.results import Allowance, EstimatePoint, EstimateResult, Timeline, TraceFailure
 from batchprobe.search import Line, Observation, Outcome, Prior, search
 from batchprobe.sources import build_workload, quiet_warnings
 from batchprobe.spec import Spec
 from batchprobe.step import TrainStep
+from batchprobe.units import format_bytes
 
 CUDA_BLOCK_BYTES = 512  # the caching allocator's smallest block: every allocation rounds up to it
 
@@ -299,9 +300,16 @@ def estimate(
     tracer = tracer or Tracer(spec, allowance, steps=spec.probe.steps)
     usable = allowance.usable(capacity_bytes)
     if usable <= 0:
-        raise ModelError(
-            f"the capacity ({capacity_bytes} B) is not larger than the fixed allowance "
-            f"({allowance.context_bytes} B)"
+        key = "estimate.capacity" if spec.estimate.capacity is not None else "probe.memory_budget"
+        raise SpecError(
+            [
+                Problem(
+                    key,
+                    f"the capacity ({format_bytes(capacity_bytes)}) is not larger than the "
+                    f"fixed allowance ({format_bytes(allowance.context_bytes)}) for the CUDA "
+                    "context and libraries",
+                )
+            ]
         )
     points: dict[int, EstimatePoint] = {}
 

@@ -210,6 +210,7 @@ class TraceCheck:
     at_least: bool = False  # measured from a failed allocation: a lower bound
     op: str | None = None  # the op that failed, or whose bytes differ most from the trace
     corrected: bool = True  # a search went on from the measurement (not so for estimate's)
+    limit_bytes: int | None = None  # the limit the search was told, when it was told one
 
     #: within this share, the trace agreed
     AGREED = 0.02
@@ -229,6 +230,17 @@ class TraceCheck:
         if self.agreed:
             return f"trace agreed within {abs(self.ratio - 1):.1%} {at}"
         under = self.ratio > 1
+        if (
+            self.at_least
+            and not under
+            and self.limit_bytes
+            and self.traced_bytes > self.limit_bytes
+        ):
+            return (  # the trace said it would not fit
+                f"{size} {self.batch_size} failed as the trace said: it traced "
+                f"{format_bytes(self.traced_bytes)}, over the {format_bytes(self.limit_bytes)} "
+                "limit"
+            )
         if self.at_least and not under:  # failed below what the trace says: not the trace's fault
             return (
                 f"{size} {self.batch_size} failed with {format_bytes(self.measured_bytes)} live "
@@ -692,6 +704,7 @@ class EstimateRun:
     what_if: list[WhatIf] | None = None  # estimate --what-if: the spec and each change
     sweep: list[SweepPoint] | None = None  # estimate --sweep seq_len=...
     timeline: Timeline | None = None  # --plot: traced steps at the max
+    device: DeviceInfo | None = None  # the device here, when it was opened (to verify)
 
     @property
     def explained(self) -> PeakBreakdown | None:

@@ -39,6 +39,7 @@ from batchprobe.search import (
     Outcome,
     Prior,
     SearchContext,
+    StrategyInfo,
     candidates,
     iter_once,
     limit_fell,
@@ -77,6 +78,7 @@ class Session:
     _tracer: Tracer | None = field(default=None, repr=False)
     _trace_error: TraceError | None = field(default=None, repr=False)
     _traced: bool = field(default=False, repr=False)  # a search has traced for its prior
+    _budget_said: bool = field(default=False, repr=False)  # a budget over the room was said
 
     @property
     def isolated(self) -> bool:
@@ -163,15 +165,12 @@ class Session:
                 prior, why = self.prior(limit)
                 ctx = dataclasses.replace(ctx, prior=prior)
                 notes += [why] if why else []
-                if not self._traced and not isinstance(self.backend, DeviceView):
-                    self._traced = True
-                    # the first trace loads code of its own (under an rlimit, mapped where the
-                    # probes' tensors would go): what is free to the probes is read again, once
-                    self.backend.settle()
+                if _settled_after_first_trace(self):
                     limit = limit_bytes or self.limit_bytes
                     ctx = dataclasses.replace(ctx, limit_bytes=limit)
             if chosen.usable(ctx):
                 break
+        notes += _budget_over_room(self)
         traced = time.perf_counter() - started
         warned = len(self.prober.warnings)
         watch = _RoomWatch(self.backend, self.prober)
@@ -198,9 +197,7 @@ class Session:
             guess=ctx.guess if chosen.needs_prior else None,
             poisoned=self.prober.poisoned,
             world_size=self.ranks.world_size,
-            trace_check=(
-                _trace_check(self._tracer, ctx.prior, done.probes) if chosen.needs_prior else None
-            ),
+            trace_check=_trace_check(self._tracer, ctx.prior, chosen, done.probes, told),
             trace_seconds=traced,
             explained=None if done.interrupted else explain(self, summary.best, done.probes),
             axis=p.axis,
@@ -285,11 +282,15 @@ def explain(
 
 
 def _trace_check(
-    tracer: Tracer | None, prior: Prior | None, probes: list[ProbeResult]
+    tracer: Tracer | None,
+    prior: Prior | None,
+    strategy: StrategyInfo,
+    probes: list[ProbeResult],
+    limit_bytes: int | None = None,
 ) -> TraceCheck | None:
-    """The trace against the first probe that ran."""
+    """The trace against the first probe that ran (a strategy that searched from it)."""
     first = next((p for p in probes if not p.reused), None)
-    if prior is None or first is None:
+    if prior is None or first is None or not strategy.needs_prior:
         return None
     b = first.batch_size
 
@@ -301,20 +302,25 @@ def _trace_check(
         except (TraceError, OutOfTime):
             return None
 
-    return check_trace(int(max(prior.flat.at(b), prior.at(b))), first, traced_ops)
+    return check_trace(int(max(prior.flat.at(b), prior.at(b))), first, traced_ops, limit_bytes)
 
 
 def check_trace(
-    traced_bytes: int, probe: ProbeResult, traced_ops: Callable[[], dict[str, int] | None]
+    traced_bytes: int,
+    probe: ProbeResult,
+    traced_ops: Callable[[], dict[str, int] | None],
+    limit_bytes: int | None = None,
 ) -> TraceCheck | None:
     """A trace's bytes at a size against a real probe there: its peak, or what its failed
     allocation needed. When they differ, the op: the one that failed, else (the CPU sees ops)
     the op whose bytes differ from the trace's (`traced_ops`, asked only then) by most."""
     b = probe.batch_size
     if probe.outcome is Outcome.FIT and probe.peak_bytes:
-        check = TraceCheck(b, traced_bytes, probe.peak_bytes)
+        check = TraceCheck(b, traced_bytes, probe.peak_bytes, limit_bytes=limit_bytes)
     elif probe.need_bytes:
-        check = TraceCheck(b, traced_bytes, probe.need_bytes, at_least=True, op=probe.failed_op)
+        check = TraceCheck(
+            b, traced_bytes, probe.need_bytes, True, probe.failed_op, limit_bytes=limit_bytes
+        )
     else:
         return None
     if check.agreed or check.op or not probe.op_bytes:
@@ -495,6 +501,36 @@ def open_session(spec: Spec) -> Session:
     )
     prober.warnings.extend(ranks.notes)  # said with the first search's results
     return Session(spec, backend, workload, ranks, prober, _step=step, warm=warm)
+
+
+def _settled_after_first_trace(session: Session) -> bool:
+    """The first trace loads code of its own (under an rlimit, mapped where the probes'
+    tensors would go): what is free to the probes is read again, once. True when it was."""
+    if session._traced or isinstance(session.backend, DeviceView):
+        return False
+    session._traced = True
+    session.backend.settle()
+    return True
+
+
+def _budget_over_room(session: Session) -> list[str]:
+    """A budget in bytes is checked against the capacity before the model exists; where
+    building and warming it up takes room (an rlimit counts what they map), it may no longer
+    be there: said once, since the budget then holds nothing back and its percentages
+    mislead."""
+    budget, backend = _budget(session.spec), session.backend
+    if session._budget_said or isinstance(backend, DeviceView):
+        return []
+    if budget is None or budget.bytes is None or budget.bytes <= backend.capacity_bytes:
+        return []
+    session._budget_said = True
+    where = backend.info().details.get("capacity")
+    return [
+        f"probe.memory_budget ({format_bytes(budget.bytes)}) is more than the room left once "
+        f"the model was built and warmed up ({format_bytes(backend.capacity_bytes)}"
+        f"{f', set by {where}' if where else ''}): the search follows that limit, and the "
+        "budget holds nothing back"
+    ]
 
 
 def _on_device(

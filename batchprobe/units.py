@@ -46,6 +46,10 @@ def parse_bytes(text: str | int | float) -> int:
     if not match:
         raise ValueError(f"cannot read {text!r} as a size; use e.g. 24GiB, 512MiB, 80GB or bytes")
     number, unit = match.groups()
+    if not unit and float(number) != int(float(number)):
+        raise ValueError(
+            f"{text!r} has no unit and is not a whole number of bytes; write e.g. {number}GiB"
+        )
     factor = _UNITS.get(unit.lower())
     if factor is None:
         raise ValueError(

@@ -44,6 +44,8 @@ def test_find_max_quickstart_json_contract_and_exact_boundary() -> None:
     assert data["exact"] and not data["capped"]
     assert data["peak_bytes"] <= data["budget_bytes"]
     assert "Max micro-batch" in result.stderr  # the human summary went to stderr
+    # what set the capacity, as the summary names it (the JSON did not say)
+    assert data["capacity_source"] and data["capacity_source"] in result.stderr
 
 
 def test_find_max_from_flags_alone_with_output_file(tmp_path: Path) -> None:
@@ -91,6 +93,11 @@ def test_nothing_fits_exits_4() -> None:
     assert data["max_batch_size"] is None
     assert data["probes"][-1]["batch_size"] == 1
     assert "Nothing fits" in result.stderr
+    # the trace said so too: its failure at batch 1 is no sign of a lower limit, nor an
+    # "estimate 0"
+    said = " ".join(result.stderr.replace("│", " ").split())
+    assert "lower than the one told" not in said and "estimate 0" not in said, said
+    assert "the fake-tensor trace: nothing fits" in said, said
 
 
 def test_missing_device_exits_3() -> None:
@@ -440,3 +447,11 @@ def test_the_timing_line_agrees_with_its_parts() -> None:
         progress.timed(96, timing)
     line = console.export_text()
     assert "74.8 samples/s" in line, line
+
+
+@pytest.mark.parametrize("capacity", ["1.5", "1000"])
+def test_a_capacity_that_cannot_be_meant_names_its_key(capacity: str) -> None:
+    """`estimate --capacity 1.5` was read as 2 bytes, then refused without naming the key."""
+    result = run("estimate", "--model", "zoo:mlp", "--capacity", capacity, "--json")
+    assert result.exit_code == 2, result.output
+    assert "estimate.capacity" in result.stderr

@@ -287,6 +287,8 @@ def test_estimate_on_this_device_checks_the_trace_with_one_probe() -> None:
         agreed["verify_probe"]["outcome"] == "fit"
         and abs(agreed["trace_check"]["ratio"] - 1) < 0.02
     )
+    # it opened the device: what a training run needs there is said, as find-max says it
+    assert agreed["training_environment"] == {} and agreed["capacity_source"]
 
 
 PRIMED = [

@@ -440,3 +440,94 @@ def test_no_room_is_recognised_in_every_form_a_load_or_build_fails_in() -> None:
     assert host is not None and "can't allocate memory" in host
     assert "RLIMIT_AS" in numpy_style and "RLIMIT_AS" in host
     assert bug is None
+
+
+ARENAS = textwrap.dedent(
+    """
+    import ctypes, json, resource, threading
+    from batchprobe.backends import hostmem
+
+    resource.setrlimit(resource.RLIMIT_AS, (2**44, resource.RLIM_INFINITY))  # finite
+    hostmem.before_torch()
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+    libc.free.argtypes = (ctypes.c_void_p,)
+
+    def vm():
+        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if "VmSize" in l)
+
+    def work():  # ctypes lets go of the GIL: the threads' mallocs contend for the arena
+        for _ in range(20000):
+            libc.free(libc.malloc(1000))
+
+    start = vm()
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    print(json.dumps({"grown": vm() - start, "env": hostmem.training_environment()}))
+    """
+)
+
+
+def test_under_an_rlimit_threads_share_one_arena_so_every_run_has_the_same_room() -> None:
+    """Each thread that found glibc's arena locked made another, reserving 64 MiB of address
+    space: how many did depended on timing, and the room under `prlimit --as` moved by 64 MiB
+    between runs of one command (an MLP's exact answer 2640 in one run, 1 in the next). Under an
+    rlimit batchprobe keeps one arena, and a training run is told to (`MALLOC_ARENA_MAX=1`)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}
+    out = subprocess.run(
+        [sys.executable, "-c", ARENAS], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    # eight threads' stacks, at most (glibc caches 40 MiB of them); not one arena more
+    assert got["grown"] < 64 * MiB, got["grown"] / MiB
+    assert got["env"]["MALLOC_ARENA_MAX"] == "1"
+    # the environment's own setting is kept and passed on
+    out = subprocess.run(
+        [sys.executable, "-c", ARENAS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "MALLOC_ARENA_MAX": "4"},
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1])["env"]["MALLOC_ARENA_MAX"] == "4"
+
+
+BUDGET_OVER_ROOM = textwrap.dedent(
+    """
+    import json, resource
+    import torch
+    torch.set_num_threads(2)
+    from batchprobe.backends import get_backend, hostmem
+    from batchprobe.session import open_session
+    from batchprobe.spec import load_spec
+
+    limit = hostmem._status("/proc", "VmSize") + 640 * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+    before = get_backend("cpu").capacity_bytes  # what a budget is checked against
+    budget = before - 2**20
+    spec = load_spec(text=json.dumps({"model": {"source": "zoo:mlp"},
+                                      "probe": {"device": "cpu", "memory_budget": budget}}))
+    session = open_session(spec)
+    result = session.search()
+    print(json.dumps({"budget": budget, "capacity": session.backend.capacity_bytes,
+                      "warnings": result.warnings}))
+    """
+)
+
+
+def test_a_budget_over_the_room_left_after_the_warm_up_is_said() -> None:
+    """Under an rlimit a budget is checked against the room before the model exists; building
+    and warming it up maps more, and a budget that passed could be more than twice the room
+    left — reported as the limit, "40% of the budget" at a peak with no room left, no word."""
+    if resource.getrlimit(resource.RLIMIT_AS)[1] != resource.RLIM_INFINITY:
+        pytest.skip("this process runs under a hard address-space limit")
+    out = subprocess.run(
+        [sys.executable, "-c", BUDGET_OVER_ROOM], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["capacity"] < got["budget"]  # the warm-up mapped more than the 1 MiB to spare
+    said = [w for w in got["warnings"] if "probe.memory_budget" in w]
+    assert said and "RLIMIT_AS" in said[0], got["warnings"]

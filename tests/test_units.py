@@ -22,13 +22,14 @@ from batchprobe.units import (
         ("1024", 1024),
         (4096, 4096),
         ("80gb", 80 * 1000**3),
+        ("1e9", 10**9),  # a whole number of bytes, however written
     ],
 )
 def test_parse_bytes(text: str | int, expected: int) -> None:
     assert parse_bytes(text) == expected
 
 
-@pytest.mark.parametrize("text", ["12 parsecs", "GiB", "", "-1GiB", "1..5GB"])
+@pytest.mark.parametrize("text", ["12 parsecs", "GiB", "", "-1GiB", "1..5GB", "1.5", "0.9"])
 def test_parse_bytes_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_bytes(text)

@@ -88,5 +88,6 @@ def verify(spec: Spec, run: EstimateRun, best: int, progress: Progress) -> None:
     probe = session.probe(best)
     progress.probe_done(probe)
     run.verify_probe = probe
+    run.device = session.backend.info()
     check = check_trace(point.device_bytes, probe, lambda: point.op_bytes)
     run.verified = None if check is None else dataclasses.replace(check, corrected=False)

@@ -149,7 +149,13 @@ def find_max_summary(result: FindMaxResult, source: str) -> Panel:
         inherited = info.details.get("training_environment_inherited", False)
         lines.append(training_environment_note(info.details.get("capacity"), environment) + "\n",
                      style="dim" if inherited else "yellow")  # fmt: skip
-    started = f", from the fake-tensor estimate {result.guess}" if result.guess is not None else ""
+    started = (
+        ""
+        if result.guess is None
+        else ", the fake-tensor trace: nothing fits"
+        if result.guess == 0
+        else f", from the fake-tensor estimate {result.guess}"
+    )
     ran = sum(1 for p in result.probes if not p.reused)
     reused = len(result.probes) - ran
     earlier = f" + {reused} answered by steps already measured" if reused else ""

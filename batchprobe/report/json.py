@@ -18,7 +18,9 @@ The keys every consumer may rely on (sizes in bytes, times in seconds):
   --sweep, else null;
 - every command that opens a device adds training_environment: environment variables a training
   run needs for the figures to hold ({} but for the CPU under an rlimit, where every step ran
-  with glibc's mmap threshold fixed: MALLOC_MMAP_THRESHOLD_, MKL_DISABLE_FAST_MM);
+  with glibc's mmap threshold fixed and one malloc arena: MALLOC_MMAP_THRESHOLD_,
+  MALLOC_ARENA_MAX, MKL_DISABLE_FAST_MM), and capacity_source: what set the capacity (the
+  binding limit), or null (estimate: when it opened the device, to verify or to probe);
 - find-max adds axis (batch_size | seq_len); along seq_len also max_seq_len, batch_size (the
   micro-batch held), and each probe's seq_len (its batch_size is the one held);
 - check: command, passed, checks [{name, expected, measured, passed}];
@@ -44,6 +46,8 @@ from batchprobe.results import (
 )
 from batchprobe.search import Outcome
 
+#: what estimate says of the device when it opened it (its own capacity_bytes is the target's)
+DEVICE_SAID = ("training_environment", "capacity_source")
 #: tensors listed in `peak_breakdown.top_tensors` unless `--top` says
 DEFAULT_TOP = 8
 
@@ -53,6 +57,9 @@ def device_dict(info: DeviceInfo) -> dict[str, Any]:
         "device": info.device,
         "device_name": info.name,
         "capacity_bytes": info.capacity_bytes,
+        # what set the capacity: the limit that binds (the CPU: the RAM available, a cgroup's
+        # limit, an rlimit), as the summary names it; null where the device does not say
+        "capacity_source": info.details.get("capacity"),
         "torch_version": info.torch_version,
         # what a training run's environment must say for the figures to hold (the allocator
         # setting every step ran with under an rlimit on the CPU); {} almost everywhere
@@ -227,6 +234,9 @@ def estimate_json(run: EstimateRun, source: str, top: int = DEFAULT_TOP) -> dict
                 ),
             }
         )
+        if run.device is not None:  # the device was opened (the verifying probe)
+            out["training_environment"] = dict(run.device.details.get("training_environment") or {})
+            out["capacity_source"] = run.device.details.get("capacity")
         if run.verified is not None:
             out["trace_check"] = run.verified.to_dict()
         if run.verify_probe is not None:
@@ -245,6 +255,11 @@ def estimate_json(run: EstimateRun, source: str, top: int = DEFAULT_TOP) -> dict
                 "trace_error": {"op": err.op if err else None, "message": str(err)},
                 "provenance": "measured: real probes (the model could not be traced)",
                 "find_max": find_max_json(fm, source, top) if fm else None,
+                **(
+                    {k: v for k, v in device_dict(fm.device).items() if k in DEVICE_SAID}
+                    if fm
+                    else {}
+                ),
                 "peak_breakdown": breakdown_json(run.explained, top),
             }
         )
