@@ -165,7 +165,7 @@ class Session:
                 prior, why = self.prior(limit)
                 ctx = dataclasses.replace(ctx, prior=prior)
                 notes += [why] if why else []
-                if _settled_after_first_trace(self):
+                if settled_after_first_trace(self):
                     limit = limit_bytes or self.limit_bytes
                     ctx = dataclasses.replace(ctx, limit_bytes=limit)
             if chosen.usable(ctx):
@@ -503,7 +503,7 @@ def open_session(spec: Spec) -> Session:
     return Session(spec, backend, workload, ranks, prober, _step=step, warm=warm)
 
 
-def _settled_after_first_trace(session: Session) -> bool:
+def settled_after_first_trace(session: Session) -> bool:
     """The first trace loads code of its own (under an rlimit, mapped where the probes'
     tensors would go): what is free to the probes is read again, once. True when it was."""
     if session._traced or isinstance(session.backend, DeviceView):

@@ -17,7 +17,13 @@ from batchprobe.flows import what_if
 from batchprobe.flows.progress import Progress
 from batchprobe.gpus import lookup
 from batchprobe.results import Allowance, EstimateRun
-from batchprobe.session import apply_budget, check_trace, open_session
+from batchprobe.session import (
+    Session,
+    apply_budget,
+    check_trace,
+    open_session,
+    settled_after_first_trace,
+)
 from batchprobe.spec import Spec
 from batchprobe.units import format_bytes
 
@@ -42,11 +48,23 @@ def target(spec: Spec) -> tuple[str, int, Allowance]:
 def run(spec: Spec, progress: Progress | None = None, timeline: bool = False) -> EstimateRun:
     """The estimate; with `timeline`, the traced steps at the max op by op (for --plot)."""
     progress = progress or Progress()
-    what, capacity, allowance = target(spec)
+    here = spec.estimate.gpu is None and spec.estimate.capacity is None
+    session = open_session(spec) if here and spec.estimate.verify else None
+    if session is None:
+        what, capacity, allowance = target(spec)
+    else:  # the probe that verifies needs the device: open it first, and aim at what is left
+        what, capacity, allowance = session.backend.estimate_target(spec.estimate)
     result = EstimateRun(what, capacity, allowance)
     tracer = None
     try:
         tracer = Tracer(spec, allowance, steps=spec.probe.steps)
+        if session is not None:
+            # the first trace loads code of its own (under an rlimit, mapped where tensors
+            # would go): trace once, read the room again, and estimate against that
+            tracer.trace(1)
+            if settled_after_first_trace(session):
+                what, capacity, _ = session.backend.estimate_target(spec.estimate)
+                result = EstimateRun(what, capacity, allowance)
         result.result = estimate(
             spec,
             capacity,
@@ -57,13 +75,13 @@ def run(spec: Spec, progress: Progress | None = None, timeline: bool = False) ->
             tracer=tracer,
         )
     except TraceError as exc:
-        if spec.estimate.gpu is not None or spec.estimate.capacity is not None:
+        if not here:
             raise DeviceError(
                 f"the model cannot be traced with fake tensors ({exc.op or exc}), and {what} "
                 "is not here to probe: run `batchprobe find-max` on it"
             ) from None
         result.trace_error = exc.failure
-        result.fallback = open_session(spec).search(progress=progress)
+        result.fallback = (session or open_session(spec)).search(progress=progress)
         return result
     if spec.estimate.what_if:
         result.what_if = what_if.run(spec, result.result, progress)
@@ -71,19 +89,17 @@ def run(spec: Spec, progress: Progress | None = None, timeline: bool = False) ->
         result.sweep = what_if.sweep(spec, result.result, spec.estimate.sweep_seq_len, progress)
     if timeline and result.result.max_batch_size is not None and tracer is not None:
         result.timeline = tracer.timeline(result.result.max_batch_size)
-    here = spec.estimate.gpu is None and spec.estimate.capacity is None
     best = result.result.max_batch_size
-    if here and spec.estimate.verify and best is not None:
-        verify(spec, result, best, progress)
+    if session is not None and best is not None:
+        verify(session, result, best, progress)
     return result
 
 
-def verify(spec: Spec, run: EstimateRun, best: int, progress: Progress) -> None:
+def verify(session: Session, run: EstimateRun, best: int, progress: Progress) -> None:
     """One real probe at the estimated max on the device the estimate is for, and the trace
     against it: what was traced there, what the probe measured."""
     assert run.result is not None
     point = next(p for p in run.result.points if p.batch_size == best)
-    session = open_session(spec)
     progress.probe_started(best)
     probe = session.probe(best)
     progress.probe_done(probe)
