@@ -324,3 +324,19 @@ def test_a_primed_trace_has_the_peaks_of_two_steps(data: dict, batch_size: int) 
     assert primed.peak_bytes == full.peak_bytes
     for phase in ("forward", "backward", "optimizer"):
         assert primed.phase_peaks.get(phase) == full.phase_peaks.get(phase), phase
+
+
+def test_the_estimate_table_cuts_no_value_at_80_columns() -> None:
+    """A T4 target in GiB gave 0.00249 and 0.00000381-wide cells: at 80 columns rich cut
+    them ("0.01…", "% c…"). Small values read "<0.01"; the JSON keeps every byte."""
+    from rich.console import Console
+
+    from batchprobe.report.estimate import estimate_table
+
+    spec = load_spec(ROOT / "configs" / "quickstart.yaml", overrides=["estimate.gpu=t4"])
+    run = run_estimate(spec)
+    console = Console(width=80, record=True, color_system=None)
+    console.print(estimate_table(run))
+    text = console.export_text()
+    assert "…" not in text, text
+    assert "<0.01" in text and "% cap" in text

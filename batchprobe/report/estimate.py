@@ -13,6 +13,16 @@ from batchprobe.search import Outcome
 from batchprobe.units import format_bytes, format_count, format_seconds
 
 
+def _cell(x: float) -> str:
+    """A size in the table's unit, short enough that no cell is cut: under 0.01 of the unit
+    reads "<0.01" (the JSON has the bytes)."""
+    if x == 0:
+        return "0"
+    if x < 0.005:
+        return "<0.01"
+    return f"{x:.2f}" if x < 1 else num(x)
+
+
 def estimate_table(run: EstimateRun) -> Table:
     """Traced peak and its breakdown at every traced batch size."""
     result = run.result
@@ -38,13 +48,13 @@ def estimate_table(run: EstimateRun) -> Table:
         )
         table.add_row(
             ("★ " if p.batch_size == best else "") + str(p.batch_size),
-            num(b.parameters / div),
-            num(b.gradients / div),
-            num(b.optimizer_state / div),
-            num(b.activations / div),
-            num(b.other / div),
-            num(p.peak_bytes / div),
-            num(p.device_bytes / div),
+            _cell(b.parameters / div),
+            _cell(b.gradients / div),
+            _cell(b.optimizer_state / div),
+            _cell(b.activations / div),
+            _cell(b.other / div),
+            _cell(p.peak_bytes / div),
+            _cell(p.device_bytes / div),
             f"{100 * (p.device_bytes + result.capacity_bytes - result.usable_bytes) / result.capacity_bytes:.0f}%",
             style=style,
         )
