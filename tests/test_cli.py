@@ -98,6 +98,7 @@ def test_nothing_fits_exits_4() -> None:
     said = " ".join(result.stderr.replace("│", " ").split())
     assert "lower than the one told" not in said and "estimate 0" not in said, said
     assert "the fake-tensor trace: nothing fits" in said, said
+    assert "Capacity " in said and "budget 1.00 MiB" in said  # what it did not fit in
 
 
 def test_missing_device_exits_3() -> None:

@@ -108,6 +108,13 @@ def find_max_summary(result: FindMaxResult, source: str) -> Panel:
             )
         else:
             lines.append("Nothing fits: batch size 1 does not fit.\n", style="bold red")
+        if not result.interrupted and result.error is None:
+            set_by = info.details.get("capacity")
+            lines.append(
+                f"Capacity {format_bytes(info.capacity_bytes)}"
+                f"{f', set by {set_by}' if set_by else ''}"
+                f"{f'; {limit_label(result)} {format_bytes(result.limit_bytes)}' if result.limit_bytes else ''}\n"
+            )
     else:
         along = result.axis == "seq_len"
         what = (
