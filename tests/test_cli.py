@@ -456,3 +456,42 @@ def test_a_capacity_that_cannot_be_meant_names_its_key(capacity: str) -> None:
     result = run("estimate", "--model", "zoo:mlp", "--capacity", capacity, "--json")
     assert result.exit_code == 2, result.output
     assert "estimate.capacity" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_just_too_little_room_for_torch_is_exit_3_at_every_limit() -> None:
+    """Just below what loading torch maps, its native libraries ended the process themselves —
+    OpenBLAS's "Memory allocation still failed after 10 retries" (exit 1), C++'s bad_alloc
+    (exit 134) — before Python could say anything. Loading is tried first in a child with
+    this process's room: exit 3 and the limit named, at every limit in that window."""
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_AS)[1] != resource.RLIM_INFINITY:
+        pytest.skip("this process runs under a hard address-space limit")
+    probe = (
+        "import batchprobe.cli\n"
+        "def vm(): return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status')"
+        " if l.startswith('VmSize'))\n"
+        "before = vm(); import torch; print(before, vm())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    _, loaded = (int(x) for x in out.stdout.split())
+    for below in (16, 64, 112, 160, 256):
+        limit = loaded - below * 1024**2
+
+        def capped(limit: int = limit) -> None:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+
+        done = subprocess.run(
+            [sys.executable, "-m", "batchprobe", "find-max", "--model", "zoo:mlp", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            preexec_fn=capped,
+        )
+        assert done.returncode == 3, (below, done.returncode, done.stderr[-600:])
+        assert "Traceback" not in done.stderr and "RLIMIT_AS" in done.stderr
+        assert json.loads(done.stdout)["error"]["exit_code"] == 3

@@ -420,6 +420,62 @@ def out_of_room(exc: BaseException, proc: str = "/proc") -> str | None:
     )
 
 
+#: room above which no torch build's libraries run short of address space: no trial load
+TRIAL_LOAD_BELOW = 16 * 1024**3
+#: a trial process takes this process's room: it maps what this one maps more than it does
+_TRIAL = """
+import mmap, sys
+used = lambda: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if "VmSize" in l)
+pad = int(sys.argv[1]) - used()
+# private, writable, never touched: counted by RLIMIT_AS and RLIMIT_DATA, using no memory
+ballast = mmap.mmap(-1, pad, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(
+    mmap, "MAP_NORESERVE", 0)) if pad > 0 else None
+import torch, torch.nn
+torch.ones(1) + 1
+print("loaded")
+"""
+
+
+def load_fails(proc: str = "/proc", timeout_s: float = 300.0) -> str | None:
+    """Under an rlimit with less room than any torch build could want, load torch first in a
+    child process that has this process's room: just below what loading needs, torch's native
+    libraries end the process themselves (OpenBLAS: "Memory allocation still failed after 10
+    retries", exit 1; C++'s `std::bad_alloc`, exit 134), before Python can say anything. What to
+    tell the user when the child could not load it (name the limit); None when it could, or
+    when nothing is to be tried (no rlimit, room enough, torch loaded already)."""
+    import subprocess
+    import sys
+
+    if "torch" in sys.modules:
+        return None
+    rlimits = [x for x in host_limits(proc) if x.catchable]
+    limit = min(rlimits, key=lambda x: x.headroom_bytes, default=None)
+    used = _status(proc, "VmSize")
+    if limit is None or used is None or limit.headroom_bytes >= TRIAL_LOAD_BELOW:
+        return None
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _TRIAL, str(used)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None  # no verdict: load it here and see
+    if done.returncode == 0 and "loaded" in done.stdout:
+        return None
+    said = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+    why = said[-1] if said else f"exit {done.returncode}"
+    gib = 1024**3
+    return (
+        f"out of memory under {limit.label.split(' less ')[0]} before anything was measured: "
+        f"torch could not be loaded in the room left (tried in a child process: {why}); the "
+        f"limit is {limit.limit_bytes / gib:.2f} GiB, this process maps {used / gib:.2f} GiB of "
+        f"it already, and loading torch maps more than the {limit.headroom_bytes / gib:.2f} GiB "
+        "left (a CUDA build ~3.1 GiB). Raise or lift the limit (ulimit -v, prlimit --as)."
+    )
+
+
 #: what a loader or an allocator says when the room ran out, in an exception's text
 _NO_ROOM_MARKERS = ("failed to map segment", "cannot allocate memory", "can't allocate memory")
 

@@ -90,6 +90,11 @@ def handled(out: Out, command: str, output: Path | None = None) -> Iterator[None
     comes before the command has a result (building the model, tracing, the first warm-up
     step) still writes --output (and --json): the command, `interrupted`, nothing measured."""
     try:
+        from batchprobe.backends.hostmem import load_fails
+
+        told = load_fails()  # under a tight rlimit: before torch's libraries can abort us
+        if told is not None:
+            raise HostLimitError(told)
         yield
     except BatchprobeError as exc:
         fail(out, command, exc)
