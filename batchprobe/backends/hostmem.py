@@ -359,7 +359,7 @@ def one_arena() -> bool:
     (`mallopt(M_ARENA_MAX, 1)`), unless the environment sets the arena limit itself. A thread
     that finds the arena it uses locked makes another, which reserves 64 MiB of address space:
     how many threads ever do depends on timing, so the room a run has moved between runs of the
-    same command by 64 MiB (one run in five: a 3-layer MLP's exact answer went from 2640 to 1).
+    same command by 64 MiB (one run in 6 to 12: a 3-layer MLP's exact answer went from 2640 to 1).
     With one arena every run has the same room. Call before torch starts its threads. False
     where it did nothing (the environment decides, or the C library is not glibc)."""
     if arena_max() is not None:
