@@ -220,6 +220,22 @@ def test_env_json() -> None:
     assert "torch" in data and isinstance(data["cuda_devices"], list)
 
 
+def _find_max_under(limit: int) -> subprocess.CompletedProcess[str]:
+    """`batchprobe find-max --model zoo:mlp --json` in a process whose address space is capped."""
+    import resource
+
+    def capped() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+
+    return subprocess.run(
+        [sys.executable, "-m", "batchprobe", "find-max", "--model", "zoo:mlp", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        preexec_fn=capped,
+    )
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
 def test_no_room_for_torch_under_an_rlimit_is_said_without_a_traceback() -> None:
     """`prlimit --as 2.5G batchprobe find-max ...` with a CUDA build of torch: loading its
@@ -234,18 +250,7 @@ def test_no_room_for_torch_under_an_rlimit_is_said_without_a_traceback() -> None
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
     ).stdout
     vm = next(int(line.split()[1]) * 1024 for line in status.splitlines() if "VmSize" in line)
-    limit = vm + 96 * 1024**2  # the CLI itself fits; torch's libraries do not
-
-    def capped() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
-
-    done = subprocess.run(
-        [sys.executable, "-m", "batchprobe", "find-max", "--model", "zoo:mlp", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        preexec_fn=capped,
-    )
+    done = _find_max_under(vm + 96 * 1024**2)  # the CLI itself fits; torch's libraries do not
     assert done.returncode == 3, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert "RLIMIT_AS" in done.stderr and "before anything was measured" in done.stderr
@@ -480,18 +485,7 @@ def test_just_too_little_room_for_torch_is_exit_3_at_every_limit() -> None:
     )
     _, loaded = (int(x) for x in out.stdout.split())
     for below in (16, 64, 112, 160, 256):
-        limit = loaded - below * 1024**2
-
-        def capped(limit: int = limit) -> None:
-            resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
-
-        done = subprocess.run(
-            [sys.executable, "-m", "batchprobe", "find-max", "--model", "zoo:mlp", "--json"],
-            capture_output=True,
-            text=True,
-            timeout=180,
-            preexec_fn=capped,
-        )
+        done = _find_max_under(loaded - below * 1024**2)
         assert done.returncode == 3, (below, done.returncode, done.stderr[-600:])
         assert "Traceback" not in done.stderr and "RLIMIT_AS" in done.stderr
         assert json.loads(done.stdout)["error"]["exit_code"] == 3

@@ -170,14 +170,7 @@ def test_probes_under_an_address_space_limit_leave_the_room_they_found() -> None
     """Under RLIMIT_AS: capacity is the room left once the model has run (building and warming
     it maps threads, kernels and arenas), and a probe gives back the address space it took
     (glibc kept it before: the next probe had ~100 MiB less)."""
-    out = subprocess.run(
-        [sys.executable, "-c", PROBES, str(768 * MiB)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = json.loads(_child(PROBES, 768 * MiB))
     # what the session itself took is no longer counted as room for tensors
     assert got["room"] + got["held"] - 32 * MiB <= got["capacity"]
     assert got["capacity"] <= got["room"] + got["held"] + 16 * MiB
@@ -334,7 +327,8 @@ def _child(script: str, *args: object, env: dict[str, str] | None = None) -> str
     if resource.getrlimit(resource.RLIMIT_AS)[1] != resource.RLIM_INFINITY:
         pytest.skip("this process runs under a hard address-space limit")
     fixtures = str(Path(__file__).parent / "fixtures")
-    base = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_",)}
+    mine = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES")  # the test decides
+    base = {k: v for k, v in os.environ.items() if k not in mine}
     out = subprocess.run(
         [sys.executable, "-c", script, *map(str, args)],
         capture_output=True,
@@ -429,13 +423,7 @@ def test_no_room_is_recognised_in_every_form_a_load_or_build_fails_in() -> None:
     """Under a tight rlimit, numpy's ImportError (its advice text first, the loader's "failed to
     map segment" at the end) and a model's constructor failing in the host allocator escaped as
     tracebacks with exit 1. Both are no room (exit 3); a bug is still a bug."""
-    if resource.getrlimit(resource.RLIMIT_AS)[1] != resource.RLIM_INFINITY:
-        pytest.skip("this process runs under a hard address-space limit")
-    out = subprocess.run(
-        [sys.executable, "-c", OUT_OF_ROOM], capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    numpy_style, host, bug = json.loads(out.stdout.strip().splitlines()[-1])
+    numpy_style, host, bug = json.loads(_child(OUT_OF_ROOM))
     assert numpy_style is not None and "failed to map segment" in numpy_style
     assert host is not None and "can't allocate memory" in host
     assert "RLIMIT_AS" in numpy_style and "RLIMIT_AS" in host
@@ -474,24 +462,14 @@ def test_under_an_rlimit_threads_share_one_arena_so_every_run_has_the_same_room(
     space: how many did depended on timing, and the room under `prlimit --as` moved by 64 MiB
     between runs of one command (an MLP's exact answer 2640 in one run, 1 in the next). Under an
     rlimit batchprobe keeps one arena, and a training run is told to (`MALLOC_ARENA_MAX=1`)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}
-    out = subprocess.run(
-        [sys.executable, "-c", ARENAS], capture_output=True, text=True, timeout=120, env=env
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = json.loads(_child(ARENAS))
     # eight threads' stacks, at most (glibc caches 40 MiB of them); not one arena more
     assert got["grown"] < 64 * MiB, got["grown"] / MiB
     assert got["env"]["MALLOC_ARENA_MAX"] == "1"
     # the environment's own setting is kept and passed on
-    out = subprocess.run(
-        [sys.executable, "-c", ARENAS],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**env, "MALLOC_ARENA_MAX": "4"},
+    assert (
+        json.loads(_child(ARENAS, env={"MALLOC_ARENA_MAX": "4"}))["env"]["MALLOC_ARENA_MAX"] == "4"
     )
-    assert json.loads(out.stdout.strip().splitlines()[-1])["env"]["MALLOC_ARENA_MAX"] == "4"
 
 
 BUDGET_OVER_ROOM = textwrap.dedent(
@@ -521,13 +499,7 @@ def test_a_budget_over_the_room_left_after_the_warm_up_is_said() -> None:
     """Under an rlimit a budget is checked against the room before the model exists; building
     and warming it up maps more, and a budget that passed could be more than twice the room
     left — reported as the limit, "40% of the budget" at a peak with no room left, no word."""
-    if resource.getrlimit(resource.RLIMIT_AS)[1] != resource.RLIM_INFINITY:
-        pytest.skip("this process runs under a hard address-space limit")
-    out = subprocess.run(
-        [sys.executable, "-c", BUDGET_OVER_ROOM], capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = json.loads(_child(BUDGET_OVER_ROOM))
     assert got["capacity"] < got["budget"]  # the warm-up mapped more than the 1 MiB to spare
     said = [w for w in got["warnings"] if "probe.memory_budget" in w]
     assert said and "RLIMIT_AS" in said[0], got["warnings"]
@@ -560,14 +532,5 @@ def test_estimate_on_this_device_under_an_rlimit_aims_at_the_room_left() -> None
     anyway, and the estimate aims at what is left: the probe there measures what the trace
     said, within a few percent (it may still fail by the scratch a new shape maps, ~1%: a
     search follows that limit as it moves, an estimate cannot)."""
-    if resource.getrlimit(resource.RLIMIT_AS)[1] != resource.RLIM_INFINITY:
-        pytest.skip("this process runs under a hard address-space limit")
-    out = subprocess.run(
-        [sys.executable, "-c", ESTIMATE_HERE, str(1024 * MiB)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = json.loads(_child(ESTIMATE_HERE, 1024 * MiB))
     assert 0.95 <= got["ratio"] <= 1.05, got  # was 0.11: the room had been read too early
