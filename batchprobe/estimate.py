@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from batchprobe.errors import Problem, SpecError
+from batchprobe.errors import ModelError, Problem, SpecError
 from batchprobe.memory import ModuleScope, OutOfTime, StorageLedger, TrackingMode
 from batchprobe.results import Allowance, EstimatePoint, EstimateResult, Timeline, TraceFailure
 from batchprobe.search import Line, Observation, Outcome, Prior, search
@@ -94,7 +94,12 @@ class Tracer:
         self.allowance = allowance
         self.steps = steps
         with quiet_warnings():
-            self.workload = build_workload(spec, "meta")  # shapes only
+            try:
+                self.workload = build_workload(spec, "meta")  # shapes only
+            except ModelError as exc:  # e.g. a constructor that reads a tensor's value
+                first = str(exc).splitlines()[0]
+                message = f"the model cannot be built on the meta device: {first}"
+                raise TraceError(message, None) from None
         # Data-dependent ops cannot run on fake tensors; plain CPU tensors created outside the
         # mode (e.g. module constants) are allowed in.
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -300,14 +305,23 @@ def estimate(
     tracer = tracer or Tracer(spec, allowance, steps=spec.probe.steps)
     usable = allowance.usable(capacity_bytes)
     if usable <= 0:
-        key = "estimate.capacity" if spec.estimate.capacity is not None else "probe.memory_budget"
+        e = spec.estimate
+        key = (
+            "estimate.capacity"
+            if e.capacity is not None
+            else "estimate.context_bytes"
+            if e.context_bytes is not None
+            else "estimate.gpu"
+            if e.gpu is not None
+            else "probe.memory_budget"
+        )
+        fixed = allowance.context_bytes + allowance.workspace_bytes
         raise SpecError(
             [
                 Problem(
                     key,
                     f"the capacity ({format_bytes(capacity_bytes)}) is not larger than the "
-                    f"fixed allowance ({format_bytes(allowance.context_bytes)}) for the CUDA "
-                    "context and libraries",
+                    f"fixed allowance ({format_bytes(fixed)}: context and library workspaces)",
                 )
             ]
         )

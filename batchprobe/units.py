@@ -46,7 +46,7 @@ def parse_bytes(text: str | int | float) -> int:
     if not match:
         raise ValueError(f"cannot read {text!r} as a size; use e.g. 24GiB, 512MiB, 80GB or bytes")
     number, unit = match.groups()
-    if not unit and float(number) != int(float(number)):
+    if not unit and math.isfinite(float(number)) and not float(number).is_integer():
         raise ValueError(
             f"{text!r} has no unit and is not a whole number of bytes; write e.g. {number}GiB"
         )

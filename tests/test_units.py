@@ -29,7 +29,9 @@ def test_parse_bytes(text: str | int, expected: int) -> None:
     assert parse_bytes(text) == expected
 
 
-@pytest.mark.parametrize("text", ["12 parsecs", "GiB", "", "-1GiB", "1..5GB", "1.5", "0.9"])
+@pytest.mark.parametrize(
+    "text", ["12 parsecs", "GiB", "", "-1GiB", "1..5GB", "1.5", "0.9", "1e400", "1e30GiB"]
+)
 def test_parse_bytes_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_bytes(text)

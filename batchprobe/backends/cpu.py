@@ -32,6 +32,7 @@ from batchprobe.backends.hostmem import (
     address_space_limited,
     binding,
     host_limits,
+    inherited,
     mkl_buffer_cache,
     mmap_threshold,
     ram_available,
@@ -209,7 +210,7 @@ class CpuBackend:
                 "mkl_buffer_cache": mkl_buffer_cache(),
                 "malloc_mmap_threshold": self.mmap_threshold,
                 "training_environment": self.training_environment(),
-                "training_environment_inherited": mmap_threshold()[1],  # a run from here has it
+                "training_environment_inherited": inherited(self.training_environment()),
             },
         )
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import resource
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -268,15 +269,11 @@ MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
 
 def mmap_threshold(environ: Mapping[str, str] | None = None) -> tuple[int, bool]:
     """The mmap threshold steps run at under a limit that counts this process's mappings, and
-    whether the environment chose it: `MALLOC_MMAP_THRESHOLD_`, or `glibc.malloc.mmap_threshold`
-    in `GLIBC_TUNABLES` (what a training run started from the same environment gets), else
-    `RETURNING`."""
+    whether the environment chose it: `glibc.malloc.mmap_threshold` in `GLIBC_TUNABLES`, else
+    `MALLOC_MMAP_THRESHOLD_` (glibc's order; what a training run started from the same
+    environment gets), else `RETURNING`."""
     env = os.environ if environ is None else environ
-    value = env.get(MMAP_THRESHOLD_ENV, "")
-    for item in env.get("GLIBC_TUNABLES", "").split(":"):
-        key, _, tunable = item.partition("=")
-        if key == "glibc.malloc.mmap_threshold":
-            value = value or tunable
+    value = _tunable(env, "glibc.malloc.mmap_threshold") or env.get(MMAP_THRESHOLD_ENV, "")
     return (int(value), True) if value.isdigit() else (RETURNING, False)
 
 
@@ -343,25 +340,33 @@ ARENA_MAX_ENV = "MALLOC_ARENA_MAX"
 
 
 def arena_max(environ: Mapping[str, str] | None = None) -> str | None:
-    """The arena limit the environment sets (`MALLOC_ARENA_MAX`, or `glibc.malloc.arena_max` in
-    `GLIBC_TUNABLES`), if any."""
+    """The arena limit the environment sets, if any: `glibc.malloc.arena_max` in
+    `GLIBC_TUNABLES`, else `MALLOC_ARENA_MAX` (glibc's order: the tunable wins); a value glibc
+    ignores (not a positive number) is none."""
     env = os.environ if environ is None else environ
+    value = _tunable(env, "glibc.malloc.arena_max") or env.get(ARENA_MAX_ENV, "")
+    return value if value.isdigit() and int(value) > 0 else None
+
+
+def _tunable(env: Mapping[str, str], name: str) -> str:
+    """A glibc tunable's value in `GLIBC_TUNABLES` ("" when it is not set there)."""
     for item in env.get("GLIBC_TUNABLES", "").split(":"):
         key, _, value = item.partition("=")
-        if key == "glibc.malloc.arena_max" and value.isdigit():
-            return env.get(ARENA_MAX_ENV) or value
-    value = env.get(ARENA_MAX_ENV, "")
-    return value if value.isdigit() else None
+        if key == name:
+            return value
+    return ""
 
 
 def one_arena() -> bool:
     """Under a limit on the address space, let every thread allocate from glibc's main arena
-    (`mallopt(M_ARENA_MAX, 1)`), unless the environment sets the arena limit itself. A thread
-    that finds the arena it uses locked makes another, which reserves 64 MiB of address space:
-    how many threads ever do depends on timing, so the room a run has moved between runs of the
-    same command by 64 MiB (one run in 6 to 12: a 3-layer MLP's exact answer went from 2640 to 1).
-    With one arena every run has the same room. Call before torch starts its threads. False
-    where it did nothing (the environment decides, or the C library is not glibc)."""
+    (`mallopt(M_ARENA_MAX, 1)`), unless the environment sets the arena limit itself. A thread's
+    first allocation gets it an arena of its own (up to 8 per core), which reserves 64 MiB of
+    address space, counted by RLIMIT_AS; which of torch's and the libraries' threads ever
+    allocate, and which reuse an arena a finished thread left, depends on timing, so the room
+    moved between runs of the same command by 64 MiB (one run in 6 to 12: a 3-layer MLP's
+    exact answer went from 2640 to 1). With one arena every run has the same room. Call before
+    torch starts its threads. False where it did nothing (the environment decides, or the C
+    library is not glibc)."""
     if arena_max() is not None:
         return False
     try:
@@ -373,6 +378,16 @@ def one_arena() -> bool:
         return False
     os.environ[ARENA_MAX_ENV] = "1"  # what a child (--isolate) and the training run get
     return True
+
+
+#: the environment this process started with, before batchprobe set anything in it
+_STARTED_WITH = dict(os.environ)
+
+
+def inherited(environment: Mapping[str, str]) -> bool:
+    """A training run started from the shell this process was started from has `environment`
+    already (batchprobe set none of it itself)."""
+    return all(_STARTED_WITH.get(k) == v for k, v in environment.items())
 
 
 def training_environment() -> dict[str, str]:
@@ -393,27 +408,30 @@ def training_environment() -> dict[str, str]:
 NO_ROOM_BYTES = 1024**3
 
 
-def out_of_room(exc: BaseException, proc: str = "/proc") -> str | None:
-    """What to tell the user when `exc` is this process running out of room under an rlimit
-    before anything was measured — torch's libraries could not be mapped ("failed to map
-    segment", also where numpy wraps it in its advice), the interpreter could not allocate
-    (MemoryError, or CPython's "error return without exception set"), building the model failed
-    in the host allocator ("can't allocate memory") — naming the limit and what is mapped
-    already; None for anything else, and where no rlimit holds (then it is no limit of the
-    user's)."""
-    said = _no_room_words(exc)
+def out_of_room(exc: BaseException, proc: str = "/proc", measured: bool = False) -> str | None:
+    """What to tell the user when `exc` is this process running out of room under an rlimit —
+    torch's libraries could not be mapped ("failed to map segment", also where numpy wraps it
+    in its advice), the interpreter could not allocate (MemoryError, or CPython's "error return
+    without exception set"), building the model failed in the host allocator ("can't allocate
+    memory") — naming the limit and what is mapped already; None for anything else, and where
+    no rlimit holds (then it is no limit of the user's). `measured`: the command has results
+    (the failure came after them)."""
+    said = no_room_words(exc)
     if said is None:
         return None
     rlimits = [x for x in host_limits(proc) if x.catchable]
     if not rlimits:
         return None
     limit = min(rlimits, key=lambda x: x.headroom_bytes)
-    if limit.headroom_bytes > max(NO_ROOM_BYTES, limit.limit_bytes // 4):
+    asked = re.search(r"tried to allocate (\d+) bytes", said)
+    over = asked is not None and int(asked.group(1)) > limit.headroom_bytes
+    if not over and limit.headroom_bytes > max(NO_ROOM_BYTES, limit.limit_bytes // 4):
         return None  # room enough: not the limit's doing (a bug keeps its traceback)
     what = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
+    when = "" if measured else " before anything was measured"
     gib = 1024**3
     return (
-        f"out of memory under {limit.label.split(' less ')[0]} before anything was measured "
+        f"out of memory under {limit.label.split(' less ')[0]}{when} "
         f"({what}): the limit is {limit.limit_bytes / gib:.2f} GiB and this process maps "
         f"{limit.used_bytes / gib:.2f} GiB of it already (torch's libraries, the model). "
         "Raise or lift the limit (ulimit -v, prlimit --as)."
@@ -422,11 +440,14 @@ def out_of_room(exc: BaseException, proc: str = "/proc") -> str | None:
 
 #: room above which no torch build's libraries run short of address space: no trial load
 TRIAL_LOAD_BELOW = 16 * 1024**3
-#: a trial process takes this process's room: it maps what this one maps more than it does
+#: a trial process takes this process's room: it maps what this one maps more than it does,
+#: by the counter the limit counts (VmSize for RLIMIT_AS, VmData for RLIMIT_DATA)
 _TRIAL = """
 import mmap, sys
-used = lambda: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if "VmSize" in l)
-pad = int(sys.argv[1]) - used()
+key, target = sys.argv[1], int(sys.argv[2])
+used = lambda: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status")
+                    if l.startswith(key + ":"))
+pad = target - used()
 # private, writable, never touched: counted by RLIMIT_AS and RLIMIT_DATA, using no memory
 ballast = mmap.mmap(-1, pad, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(
     mmap, "MAP_NORESERVE", 0)) if pad > 0 else None
@@ -434,14 +455,17 @@ import torch, torch.nn
 torch.ones(1) + 1
 print("loaded")
 """
+#: what a trial load that ran out of room says, besides `_NO_ROOM_MARKERS`
+_TRIAL_NO_ROOM = ("memoryerror", "bad_alloc", "memory allocation still failed")
 
 
 def load_fails(proc: str = "/proc", timeout_s: float = 300.0) -> str | None:
     """Under an rlimit with less room than any torch build could want, load torch first in a
     child process that has this process's room: just below what loading needs, torch's native
     libraries end the process themselves (OpenBLAS: "Memory allocation still failed after 10
-    retries", exit 1; C++'s `std::bad_alloc`, exit 134), before Python can say anything. What to
-    tell the user when the child could not load it (name the limit); None when it could, or
+    retries", exit 1; C++'s `std::bad_alloc`, SIGABRT), before Python can say anything. What to
+    tell the user when the child ran out of room (killed by a signal, or saying so); None when
+    it loaded, failed for another reason (then loading here says why, with its traceback), or
     when nothing is to be tried (no rlimit, room enough, torch loaded already)."""
     import subprocess
     import sys
@@ -450,12 +474,14 @@ def load_fails(proc: str = "/proc", timeout_s: float = 300.0) -> str | None:
         return None
     rlimits = [x for x in host_limits(proc) if x.catchable]
     limit = min(rlimits, key=lambda x: x.headroom_bytes, default=None)
-    used = _status(proc, "VmSize")
-    if limit is None or used is None or limit.headroom_bytes >= TRIAL_LOAD_BELOW:
+    if limit is None or limit.headroom_bytes >= TRIAL_LOAD_BELOW:
+        return None
+    used = _status(proc, limit.counts or "VmSize")
+    if used is None:
         return None
     try:
         done = subprocess.run(
-            [sys.executable, "-c", _TRIAL, str(used)],
+            [sys.executable, "-c", _TRIAL, limit.counts or "VmSize", str(used)],
             capture_output=True,
             text=True,
             timeout=timeout_s,
@@ -465,14 +491,19 @@ def load_fails(proc: str = "/proc", timeout_s: float = 300.0) -> str | None:
     if done.returncode == 0 and "loaded" in done.stdout:
         return None
     said = [line.strip() for line in done.stderr.splitlines() if line.strip()]
-    why = said[-1] if said else f"exit {done.returncode}"
+    text = done.stderr.lower()
+    markers = (*_NO_ROOM_MARKERS, *_TRIAL_NO_ROOM)
+    if done.returncode >= 0 and not any(m in text for m in markers):
+        return None  # not the room: loading here says what it is
+    why = next((s for s in reversed(said) if any(m in s.lower() for m in markers)), None)
+    why = why or (said[-1] if said else f"killed by signal {-done.returncode}")
     gib = 1024**3
     return (
         f"out of memory under {limit.label.split(' less ')[0]} before anything was measured: "
         f"torch could not be loaded in the room left (tried in a child process: {why}); the "
-        f"limit is {limit.limit_bytes / gib:.2f} GiB, this process maps {used / gib:.2f} GiB of "
-        f"it already, and loading torch maps more than the {limit.headroom_bytes / gib:.2f} GiB "
-        "left (a CUDA build ~3.1 GiB). Raise or lift the limit (ulimit -v, prlimit --as)."
+        f"limit is {limit.limit_bytes / gib:.2f} GiB, this process uses {used / gib:.2f} GiB of "
+        f"it already, and loading torch takes more than the {limit.headroom_bytes / gib:.2f} GiB "
+        "left (a CUDA build maps ~3.1 GiB). Raise or lift the limit (ulimit -v, prlimit --as)."
     )
 
 
@@ -480,7 +511,7 @@ def load_fails(proc: str = "/proc", timeout_s: float = 300.0) -> str | None:
 _NO_ROOM_MARKERS = ("failed to map segment", "cannot allocate memory", "can't allocate memory")
 
 
-def _no_room_words(exc: BaseException) -> str | None:
+def no_room_words(exc: BaseException) -> str | None:
     """The line of `exc` (or of what caused it) that says the room ran out: "" for a bare
     MemoryError or SystemError, None when nothing does."""
     seen: BaseException | None = exc
@@ -490,7 +521,7 @@ def _no_room_words(exc: BaseException) -> str | None:
         for line in str(seen).splitlines():
             if any(m in line.lower() for m in _NO_ROOM_MARKERS):
                 return line.strip()
-        seen = seen.__cause__ or seen.__context__
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
     if isinstance(exc, (MemoryError, SystemError)):
         return str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return None

@@ -98,12 +98,14 @@ def handled(out: Out, command: str, output: Path | None = None) -> Iterator[None
         yield
     except BatchprobeError as exc:
         fail(out, command, exc)
+    except typer.Exit:
+        raise  # a command's own exit code (typer.Exit is a RuntimeError)
     except (ImportError, MemoryError, SystemError, RuntimeError) as exc:
         # under an rlimit, loading torch, building the model or the warm-up may find no room:
         # say so, no traceback (anything else keeps its traceback)
         from batchprobe.backends.hostmem import out_of_room
 
-        told = out_of_room(exc)
+        told = out_of_room(exc, measured=out.has_result)
         if told is None:
             raise
         fail(out, command, HostLimitError(told))

@@ -49,22 +49,22 @@ def run(spec: Spec, progress: Progress | None = None, timeline: bool = False) ->
     """The estimate; with `timeline`, the traced steps at the max op by op (for --plot)."""
     progress = progress or Progress()
     here = spec.estimate.gpu is None and spec.estimate.capacity is None
-    session = open_session(spec) if here and spec.estimate.verify else None
-    if session is None:
-        what, capacity, allowance = target(spec)
-    else:  # the probe that verifies needs the device: open it first, and aim at what is left
-        what, capacity, allowance = session.backend.estimate_target(spec.estimate)
+    what, capacity, allowance = target(spec)
     result = EstimateRun(what, capacity, allowance)
+    session: Session | None = None
     tracer = None
     try:
         tracer = Tracer(spec, allowance, steps=spec.probe.steps)
-        if session is not None:
-            # the first trace loads code of its own (under an rlimit, mapped where tensors
-            # would go): trace once, read the room again, and estimate against that
-            tracer.trace(1)
-            if settled_after_first_trace(session):
+        if here and spec.estimate.verify:
+            # the probe that verifies needs the device: where the trace says batch 1 may fit,
+            # open it now (building and warming the model, and the trace's own code, take room
+            # an rlimit counts) and estimate against what is left then
+            first = tracer.trace(1)
+            if first.device_bytes <= allowance.usable(capacity):
+                session = open_session(spec)
+                settled_after_first_trace(session)
                 what, capacity, _ = session.backend.estimate_target(spec.estimate)
-                result = EstimateRun(what, capacity, allowance)
+                result = EstimateRun(what, capacity, allowance, device=session.backend.info())
         result.result = estimate(
             spec,
             capacity,

@@ -10,13 +10,15 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from torch import nn
 
-from batchprobe.errors import MissingPackageError, Problem, SpecError
+from batchprobe.backends.hostmem import no_room_words
+from batchprobe.errors import MissingPackageError, ModelError, Problem, SpecError
 from batchprobe.spec import InputKind, Spec, Task
 
 #: how a default loss is chosen: a built-in loss name, or "auto" (decided from the inputs)
@@ -76,22 +78,26 @@ def call_factory(factory: Callable[..., Any], kwargs: Mapping[str, Any], what: s
         pass  # no signature available (builtins); let the call decide
     try:
         return factory(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise SpecError([Problem("model.kwargs", f"{what}: {exc}")]) from None
     except Exception as exc:
         if _out_of_memory(exc):
             raise  # the host's or the device's doing, not the spec's: said as such above
-        text = str(exc) or type(exc).__name__
-        raise SpecError([Problem("model.kwargs", f"{what}: {text}")]) from None
+        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        raise ModelError(
+            f"model.kwargs: {what} failed to build: {type(exc).__name__}: {exc}\n{trace}"
+        ) from exc
 
 
 def _out_of_memory(exc: BaseException) -> bool:
     """A constructor that ran out of memory (torch's OutOfMemoryError, the host allocator's
-    "can't allocate memory", MemoryError) failed for want of room, not for its arguments."""
-    text = str(exc).lower()
+    "can't allocate memory", a library that could not be mapped, MemoryError — here or in what
+    caused it) failed for want of room, not for its arguments."""
     return (
         isinstance(exc, MemoryError)
         or type(exc).__name__ == "OutOfMemoryError"
-        or "can't allocate memory" in text
-        or "out of memory" in text
+        or no_room_words(exc) is not None
+        or "out of memory" in str(exc).lower()
     )
 
 
