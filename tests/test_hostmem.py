@@ -255,6 +255,8 @@ def test_the_cli_turns_the_cache_off_only_under_an_address_space_limit() -> None
 SEARCH_UNDER_LIMIT = textwrap.dedent(
     """
     import json, os, resource, subprocess, sys
+    from batchprobe.backends import hostmem
+    hostmem.one_arena()  # as the CLI does under an rlimit, before torch starts its threads
     import torch
     torch.set_num_threads(2)
     from batchprobe.backends import hostmem
