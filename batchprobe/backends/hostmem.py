@@ -25,6 +25,7 @@ import re
 import resource
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 #: cgroup v1 reports "no limit" as PAGE_COUNTER_MAX pages (0x7FFFFFFFFFFFF000)
 _V1_NONE = 1 << 60
@@ -286,12 +287,20 @@ def set_mmap_threshold(nbytes: int) -> bool:
     of address space at 60 samples with glibc's defaults, 0.8 GiB (1.7 GiB at its peak) at
     128 KiB; 68 samples fit where 110 fit at 128 KiB. False where the C library has no such
     setting (not glibc)."""
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, nbytes)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 * nbytes))
+
+
+def _mallopt() -> Any:
+    """glibc's `mallopt(param, value)`, or None where the C library has none (not glibc)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        return False
+        return None
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, nbytes)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 * nbytes))
+    return mallopt
 
 
 def binding(limits: list[HostLimit]) -> HostLimit | None:
@@ -369,12 +378,8 @@ def one_arena() -> bool:
     library is not glibc)."""
     if arena_max() is not None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    if not mallopt(_M_ARENA_MAX, 1):
+    mallopt = _mallopt()
+    if mallopt is None or not mallopt(_M_ARENA_MAX, 1):
         return False
     os.environ[ARENA_MAX_ENV] = "1"  # what a child (--isolate) and the training run get
     return True
@@ -408,6 +413,13 @@ def training_environment() -> dict[str, str]:
 NO_ROOM_BYTES = 1024**3
 
 
+def _tightest_rlimit(proc: str) -> HostLimit | None:
+    """The rlimit (a limit whose failures are catchable) with the least room, if any holds."""
+    return min(
+        (x for x in host_limits(proc) if x.catchable), key=lambda x: x.headroom_bytes, default=None
+    )
+
+
 def out_of_room(exc: BaseException, proc: str = "/proc", measured: bool = False) -> str | None:
     """What to tell the user when `exc` is this process running out of room under an rlimit —
     torch's libraries could not be mapped ("failed to map segment", also where numpy wraps it
@@ -419,10 +431,9 @@ def out_of_room(exc: BaseException, proc: str = "/proc", measured: bool = False)
     said = no_room_words(exc)
     if said is None:
         return None
-    rlimits = [x for x in host_limits(proc) if x.catchable]
-    if not rlimits:
+    limit = _tightest_rlimit(proc)
+    if limit is None:
         return None
-    limit = min(rlimits, key=lambda x: x.headroom_bytes)
     asked = re.search(r"tried to allocate (\d+) bytes", said)
     over = asked is not None and int(asked.group(1)) > limit.headroom_bytes
     if not over and limit.headroom_bytes > max(NO_ROOM_BYTES, limit.limit_bytes // 4):
@@ -472,8 +483,7 @@ def load_fails(proc: str = "/proc", timeout_s: float = 300.0) -> str | None:
 
     if "torch" in sys.modules:
         return None
-    rlimits = [x for x in host_limits(proc) if x.catchable]
-    limit = min(rlimits, key=lambda x: x.headroom_bytes, default=None)
+    limit = _tightest_rlimit(proc)
     if limit is None or limit.headroom_bytes >= TRIAL_LOAD_BELOW:
         return None
     used = _status(proc, limit.counts or "VmSize")
